@@ -1,0 +1,30 @@
+"""The only code that names SGLang internals. An SGLang upgrade touches this folder alone.
+
+`load_plugin` is registered under SGLang's `sglang.srt.plugins` entry point, so SGLang runs it in
+every process it starts (server, schedulers/TP workers, detokenizer). It only registers hooks;
+what they do is configured by environment variables that the launcher sets (see server_env.py).
+With none set, it registers nothing and SGLang runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+
+from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE
+
+TESTED_SGLANG_VERSION = "0.5.23"
+
+
+def load_plugin() -> None:
+    if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
+        from easyep_sglang.sglang_plugin import cpu_compat
+
+        cpu_compat.install()
+    if os.environ.get(ENV_MASK):
+        from easyep_sglang.sglang_plugin import gate_mask
+
+        gate_mask.install()
+    if os.environ.get(ENV_MASK) and os.environ.get(ENV_PRUNE) == "1":
+        from easyep_sglang.sglang_plugin import expert_prune
+
+        expert_prune.install()

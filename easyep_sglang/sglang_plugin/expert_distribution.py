@@ -1,0 +1,40 @@
+"""SGLang's own expert-distribution recorder, used as an independent witness of routing choices.
+
+Start the server with `RECORDER_SERVER_ARGS` and `RECORDER_DIR_ENV` pointing at a fresh folder;
+`record_expert_counts` then returns how often each logical expert was chosen while `workload` ran.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RECORDER_SERVER_ARGS = ["--expert-distribution-recorder-mode", "stat"]
+RECORDER_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
+
+
+def _post(base_url: str, path: str) -> None:
+    request = urllib.request.Request(base_url + path, data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=120) as resp:
+        assert resp.status == 200, f"{path} answered {resp.status}"
+
+
+def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable[[], None]) -> torch.Tensor:
+    """Choices per (layer, logical expert) during `workload`, summed over steps.  # [num_layers, E]
+
+    In "stat" mode the counts are all-reduced over ranks, so under TP each token counts once per rank.
+    """
+    dump_dir = Path(dump_dir)
+    before = set(dump_dir.glob("expert_distribution_recorder_*.pt"))
+    _post(base_url, "/start_expert_distribution_record")
+    try:
+        workload()
+    finally:
+        _post(base_url, "/stop_expert_distribution_record")
+    _post(base_url, "/dump_expert_distribution_record")
+    (dump,) = set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before
+    data = torch.load(dump, map_location="cpu", weights_only=True)
+    return data["logical_count"].sum(dim=0)  # [steps, L, E] -> [L, E]

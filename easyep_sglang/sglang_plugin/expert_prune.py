@@ -1,0 +1,110 @@
+"""Load-time pruning: build only the kept experts of each masked layer, renumbered, from the original
+checkpoint. No copy of the checkpoint is written and memory for pruned experts is never allocated.
+
+The router stays in the original expert space and the gate mask (gate_mask.py) removes the pruned
+experts from it, so routing, group selection included, is identical to the masked full model for
+any mask, groups split or not. The router is ~0.1% of a layer's weights. After top-k, the chosen
+original ids are mapped to the new local ids through a device-resident table built at load time
+(one gather of [T, top_k] per layer, CUDA-graph safe).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import re
+
+import torch
+
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.sglang_plugin.server_env import ENV_MASK
+from easyep_sglang.spec import MoESpec, spec_from_model_path
+
+logger = logging.getLogger("easyep")
+
+FUSED_MOE_INIT = "sglang.srt.layers.moe.fused_moe_triton.layer.FusedMoE.__init__"
+LOAD_WEIGHTS = "sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_only"
+TOPK_FORWARD = "sglang.srt.layers.moe.topk.TopK.forward"
+LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
+ORIG_TO_NEW_ATTR = "easyep_orig_to_new"  # [E] int32 on TopK modules of pruned layers; -1 for pruned experts
+EXPERT_TENSOR = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts\.)(\d+)(\..+)$")
+
+
+def install() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    HookRegistry.register(FUSED_MOE_INIT, _build_kept_experts_only, HookType.AROUND)
+    HookRegistry.register(LOAD_WEIGHTS, _renumber_expert_weights, HookType.AROUND)
+    HookRegistry.register(LOAD_MODEL, _attach_id_maps, HookType.AFTER)
+    HookRegistry.register(TOPK_FORWARD, _to_local_expert_ids, HookType.AFTER)
+
+
+@functools.cache
+def _plan() -> tuple[MoESpec, dict[int, tuple[int, ...]]]:
+    from sglang.srt.runtime_context import get_model
+
+    spec = spec_from_model_path(get_model().model_path)
+    keep = ExpertMask.load(os.environ[ENV_MASK]).resolve(spec)
+    pruned_mtp = sorted(set(keep) & set(spec.mtp_layers))
+    if pruned_mtp:
+        raise ValueError(f"MTP layers {pruned_mtp} cannot be pruned at load time; use python -m easyep_sglang.prune")
+    return spec, keep
+
+
+def _build_kept_experts_only(original, moe, *args, **kwargs):
+    from sglang.srt.runtime_context import get_flags
+
+    bound = inspect.signature(original).bind(moe, *args, **kwargs)
+    spec, keep = _plan()
+    layer_id = bound.arguments["layer_id"]
+    if layer_id in keep and not get_flags().moe.in_speculative_scope:
+        if bound.arguments.get("num_fused_shared_experts", 0) or bound.arguments["num_experts"] != spec.n_experts:
+            raise ValueError("--prune needs plain routed experts: add --disable-shared-experts-fusion "
+                             "and no EPLB redundant experts")
+        bound.arguments["num_experts"] = len(keep[layer_id])
+    return original(*bound.args, **bound.kwargs)
+
+
+def _renumber_expert_weights(original, model, weights, target_device):
+    _, keep = _plan()
+    new_id = {layer: {orig: new for new, orig in enumerate(ids)} for layer, ids in keep.items()}
+
+    def kept_weights():
+        for name, tensor in weights:
+            match = EXPERT_TENSOR.match(name)
+            if match and int(match[2]) in new_id:
+                local = new_id[int(match[2])].get(int(match[3]))
+                if local is None:
+                    continue  # a pruned expert: never materialised
+                name = f"{match[1]}{local}{match[4]}"
+            yield name, tensor
+
+    return original(model, kept_weights(), target_device)
+
+
+def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
+    from sglang.srt.layers.moe.topk import TopK
+
+    if runner.is_draft_worker:
+        return
+    spec, keep = _plan()
+    device = next(runner.model.parameters()).device
+    for module in runner.model.modules():
+        if isinstance(module, TopK) and module.layer_id in keep:
+            orig_to_new = torch.full((spec.n_experts,), -1, dtype=torch.int32)  # [E]
+            orig_to_new[list(keep[module.layer_id])] = torch.arange(len(keep[module.layer_id]), dtype=torch.int32)
+            setattr(module, ORIG_TO_NEW_ATTR, orig_to_new.to(device))
+    kept = sum(len(ids) for ids in keep.values())
+    logger.info("easyep: pruned at load time: %d layers hold %d/%d experts", len(keep), kept, len(keep) * spec.n_experts)
+
+
+def _to_local_expert_ids(topk_output, topk, *args, **kwargs):
+    orig_to_new = getattr(topk, ORIG_TO_NEW_ATTR, None)
+    if orig_to_new is None:
+        return None
+    if not hasattr(topk_output, "_replace") or topk_output.format.name != "STANDARD":
+        raise RuntimeError(f"--prune needs standard top-k output, got {topk_output.format.name}; "
+                           "choose a MoE runner backend that routes outside its kernel (e.g. --moe-runner-backend triton)")
+    return topk_output._replace(topk_ids=orig_to_new[topk_output.topk_ids.long()].to(topk_output.topk_ids.dtype))

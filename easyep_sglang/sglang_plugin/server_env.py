@@ -1,0 +1,81 @@
+"""What a process must set before SGLang starts: the plugin's own settings and, on a machine with no
+GPU, the CPU work-arounds (stand-in kernel package, CPU flags, memory caps).
+
+Imports nothing from SGLang, so the launcher can use it before SGLang is imported.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_MASK = "EASYEP_MASK"  # absolute path of the JSON mask the workers apply at load time
+ENV_PRUNE = "EASYEP_PRUNE"  # "1": build only the kept experts (load-time pruning) instead of masking
+CPU_SHIM_DIR = Path(__file__).parent / "cpu_shim"
+
+# Server arguments added on a CPU machine unless the user gave them. Keys are ServerArgs fields.
+CPU_SERVER_DEFAULTS = {
+    "device": "cpu",
+    "attention_backend": "torch_native",
+    "sampling_backend": "pytorch",
+    "disable_cuda_graph": True,
+    "skip_server_warmup": True,
+    # Without caps the scheduler reserves ~15 GB of KV cache on a CPU host.
+    "max_total_tokens": 8192,
+    "mem_fraction_static": 0.05,
+    "chunked_prefill_size": 1024,
+}
+
+
+@dataclass
+class ServerSetup:
+    env: dict[str, str]
+    defaults: dict[str, object] = field(default_factory=dict)  # ServerArgs fields to add if absent
+
+    def cli_args(self, given: list[str]) -> list[str]:
+        """Defaults rendered as launch_server flags, skipping every flag present in `given`."""
+        present = {a.split("=", 1)[0] for a in given if a.startswith("--")}
+        out = []
+        for key, value in self.defaults.items():
+            flag = "--" + key.replace("_", "-")
+            if flag in present:
+                continue
+            out += [flag] if value is True else [flag, str(value)]
+        return out
+
+
+def gpu_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: bool = False, base_env=None) -> ServerSetup:
+    assert mask_path or not prune, "pruning needs a mask"
+    env = dict(os.environ if base_env is None else base_env)
+    env.pop(ENV_MASK, None)
+    env.pop(ENV_PRUNE, None)
+    if mask_path:
+        env[ENV_MASK] = str(Path(mask_path).resolve())
+    if prune:
+        env[ENV_PRUNE] = "1"
+    if not on_cpu:
+        return ServerSetup(env)
+    env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env.setdefault("TORCHDYNAMO_DISABLE", "1")  # skips a ~20 s inductor compile of the grouped top-k
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_SHIM_DIR), env.get("PYTHONPATH")) if p)
+    if tp_size > 1:
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _split_cores(tp_size))
+        # A CUDA build of torch makes pynccl look for a CUDA device; a missing library disables it.
+        env.setdefault("SGLANG_NCCL_SO_PATH", str(CPU_SHIM_DIR / "no-nccl.so"))
+    return ServerSetup(env, dict(CPU_SERVER_DEFAULTS))
+
+
+def _split_cores(parts: int) -> str:
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < parts:
+        raise ValueError(f"--tp-size {parts} needs at least {parts} CPU cores, this machine has {len(cores)}")
+    size = len(cores) // parts
+    chunks = [cores[i * size : (i + 1) * size] for i in range(parts)]
+    return "|".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)

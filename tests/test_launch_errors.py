@@ -1,0 +1,80 @@
+"""Every bad input to the launcher exits non-zero, with a one-line reason, before SGLang starts."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from easyep_sglang.launch import prepare
+from easyep_sglang.sglang_plugin.server_env import CPU_SHIM_DIR, ENV_MASK
+
+
+def _launch(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "easyep_sglang.launch", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _write(path, data):
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+BAD_MASKS = [
+    ("malformed", "{not json", "is not valid JSON"),
+    ("not-moe-layer", {"keep": {"0": [0, 1, 2, 3]}}, "layer 0 is not a MoE layer of DeepseekV3ForCausalLM"),
+    ("out-of-range", {"keep": {"1": [0, 1, 2, 99]}}, r"layer 1: expert ids [99] out of range 0..15"),
+    ("duplicate", {"keep": {"1": [0, 1, 1, 2, 3]}}, "layer 1: duplicate expert ids [1]"),
+    ("below-top-k", {"keep": {"2": [0, 1, 2]}}, "layer 2 keeps 3 experts < top_k=4; keep more experts"),
+    ("unreachable", {"keep": {"1": [0, 4, 8, 12]}}, "holding only 2 kept experts < top_k=4"),
+    ("other-model", {"model": {"architecture": "Qwen3MoeForCausalLM"}, "keep": {}}, "mask was made for another model"),
+    ("bad-layer-key", {"keep": {"first": [0]}}, "layer key 'first' is not an integer"),
+]
+
+
+@pytest.mark.parametrize("name, content, message", BAD_MASKS, ids=[b[0] for b in BAD_MASKS])
+def test_bad_mask_exits_before_sglang_starts(tmp_path, tiny_models, name, content, message):
+    mask = _write(tmp_path / f"{name}.json", content)
+    result = _launch("--model-path", tiny_models["deepseek_v3"], "--mask", mask)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "sglang.launch_server" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_missing_mask_and_model(tmp_path, tiny_models):
+    result = _launch("--model-path", tiny_models["deepseek_v3"], "--mask", tmp_path / "absent.json")
+    assert result.returncode == 2 and "mask file" in result.stderr and "not found" in result.stderr
+    result = _launch("--model-path", tmp_path / "no-model", "--mask", tmp_path / "absent.json")
+    assert result.returncode == 2 and "config.json not found; --model-path must be a local" in result.stderr
+
+
+def test_unsupported_architecture_lists_the_supported(tmp_path):
+    model = tmp_path / "llama"
+    model.mkdir()
+    _write(model / "config.json", {"architectures": ["LlamaForCausalLM"]})
+    _write(tmp_path / "m.json", {"keep": {}})
+    result = _launch("--model-path", model, "--mask", tmp_path / "m.json")
+    assert result.returncode == 2
+    assert "unsupported architecture 'LlamaForCausalLM'; supported: DeepseekV2ForCausalLM" in result.stderr
+
+
+def test_missing_model_path_is_a_usage_error():
+    result = _launch("--mask", "m.json")
+    assert result.returncode == 2 and "--model-path" in result.stderr
+
+
+def test_cpu_setup_adds_defaults_the_user_did_not_give(tiny_models, tmp_path):
+    mask = _write(tmp_path / "m.json", {"keep": {"1": list(range(8))}})
+    argv, env = prepare(["--model-path", str(tiny_models["deepseek_v3"]), "--mask", str(mask),
+                         "--max-total-tokens", "2048", "--port", "1234", "--device", "cpu"])
+    assert argv.count("--max-total-tokens") == 1 and argv[argv.index("--max-total-tokens") + 1] == "2048"
+    assert "--attention-backend" in argv and "--disable-cuda-graph" in argv and "--port" in argv
+    assert env[ENV_MASK] == str(mask.resolve()) and env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert env["PYTHONPATH"].split(":")[0] == str(CPU_SHIM_DIR)
+
+
+def test_no_mask_sets_no_mask_env(tiny_models, monkeypatch):
+    monkeypatch.setenv(ENV_MASK, "/stale/mask.json")
+    _, env = prepare(["--model-path", str(tiny_models["qwen3_moe"]), "--device", "cpu"])
+    assert ENV_MASK not in env

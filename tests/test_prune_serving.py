@@ -1,0 +1,68 @@
+"""Serving only the surviving experts gives the same tokens and logprobs as the masked full model.
+
+fp32 tiny models, greedy decoding, SGLang on the CPU. Masks cover uniform and per-layer-varying
+counts, whole groups and split groups.
+"""
+
+import pytest
+
+from conftest import generate
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
+from easyep_sglang.spec import spec_from_model_path
+
+PROMPTS = ["Q: 37+48=? A:", "def add(a, b):\n    return", "The license grants you"]
+LOGPROB_TOL_FP32 = 1e-5
+
+MASKS = {
+    # DeepSeek tiny: 16 experts, groups of 4, top-4 of 2 groups.
+    ("deepseek_v3", "uniform-whole-groups"): {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15]},
+    ("deepseek_v3", "varying-split-groups"): {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8, 12]},
+    # Qwen3 tiny: 16 experts, top-4, softmax, no groups.
+    ("qwen3_moe", "uniform"): {0: list(range(0, 16, 2)), 1: list(range(8)), 2: list(range(8, 16))},
+    ("qwen3_moe", "varying"): {0: list(range(12)), 1: [1, 4, 6, 9, 11, 15], 2: list(range(3, 13))},
+}
+
+
+@pytest.fixture(scope="module")
+def fp32_models(tmp_path_factory):
+    from easyep_sglang.demo_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("fp32-models")
+    return {arch: build_tiny_model(arch, root / arch, dtype="float32") for arch in ("deepseek_v3", "qwen3_moe")}
+
+
+@pytest.fixture(scope="module", params=sorted(MASKS), ids=lambda k: f"{k[0]}-{k[1]}")
+def case(request, fp32_models, tmp_path_factory):
+    arch, name = request.param
+    model = fp32_models[arch]
+    spec = spec_from_model_path(model)
+    path = tmp_path_factory.mktemp("prune-masks") / f"{arch}-{name}.json"
+    ExpertMask.for_spec(spec, MASKS[arch, name], name).save(path)
+    return {"model": model, "mask": path, "spec": spec, "keep": MASKS[arch, name]}
+
+
+def _assert_same_outputs(reference, candidate):
+    for ref, got in zip(reference, candidate):
+        assert got["token_ids"] == ref["token_ids"]
+        worst = max(abs(a - b) for a, b in zip(ref["logprobs"], got["logprobs"]))
+        assert worst <= LOGPROB_TOL_FP32, f"logprobs differ by {worst:.2e}"
+
+
+def test_load_time_pruning_matches_the_mask(servers, case):
+    masked = [generate(servers.get(case["model"], case["mask"]), p) for p in PROMPTS]
+    pruned_server = servers.get(case["model"], case["mask"], ("--prune",))
+    pruned = [generate(pruned_server, p) for p in PROMPTS]
+    _assert_same_outputs(masked, pruned)
+    log = (pruned_server.recorder_dir / "server.log").read_text()
+    kept = sum(len(ids) for ids in case["keep"].values())
+    assert f"easyep: pruned at load time: {len(case['keep'])} layers hold {kept}/" in log
+
+
+def test_pruned_server_never_routes_to_pruned_experts(servers, case):
+    server = servers.get(case["model"], case["mask"], ("--prune",))
+    counts = record_expert_counts(server.base_url, server.recorder_dir,
+                                  lambda: [generate(server, p, 60, temperature=1.0) for p in PROMPTS])
+    for layer, kept in case["keep"].items():
+        pruned = sorted(set(range(case["spec"].n_experts)) - set(kept))
+        assert counts[layer, pruned].sum() == 0 and counts[layer, kept].sum() > 0
