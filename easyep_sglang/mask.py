@@ -115,7 +115,7 @@ class ExpertMask:
                 raise MaskError(f"layer {layer}: duplicate expert ids {dup}; list each kept expert once")
             if len(ids) < spec.top_k:
                 raise MaskError(f"layer {layer} keeps {len(ids)} experts < top_k={spec.top_k}; keep more experts")
-            _check_group_reachability(spec, layer, ids)
+            check_group_reachability(spec, layer, ids)
             if len(ids) < spec.n_experts:
                 resolved[layer] = tuple(sorted(ids))
         return resolved
@@ -160,7 +160,7 @@ class ExpertMask:
         )
 
 
-def _check_group_reachability(spec: MoESpec, layer: int, ids: tuple[int, ...]) -> None:
+def check_group_reachability(spec: MoESpec, layer: int, ids: tuple[int, ...]) -> None:
     """Refuse a mask where some choice of `topk_group` groups the router can still make offers fewer
     than top_k kept experts.
 

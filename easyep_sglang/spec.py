@@ -62,8 +62,11 @@ def _deepseek_spec(config: dict) -> MoESpec:
     freq = config.get("moe_layer_freq", 1)
     moe_layers = tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0)
     num_mtp = config.get("num_nextn_predict_layers", 0) or 0
-    sigmoid = config.get("scoring_func", "softmax") == "sigmoid" or config.get("topk_method") == "noaux_tc"
-    grouped = config.get("topk_method") in ("noaux_tc", "group_limited_greedy")
+    # transformers' DeepseekV3Config hard-codes V3 routing and may not write these keys.
+    v3 = config["architectures"][0] == "DeepseekV3ForCausalLM"
+    topk_method = config.get("topk_method", "noaux_tc" if v3 else "greedy")
+    sigmoid = config.get("scoring_func", "sigmoid" if v3 else "softmax") == "sigmoid" or topk_method == "noaux_tc"
+    grouped = topk_method in ("noaux_tc", "group_limited_greedy")
     n_group = (config.get("n_group") or 1) if grouped else 1
     keys = _SHAPE_KEYS + (
         "n_routed_experts", "num_experts_per_tok", "first_k_dense_replace", "moe_layer_freq",

@@ -175,3 +175,10 @@ def test_mask_cli_check_and_import(tmp_path, capsys):
         mask_main(["check", str(tmp_path / "bad.json"), "--model-path", str(model)])
     assert exit_info.value.code == 2
     assert "layer 1 keeps 1 experts < top_k=4" in capsys.readouterr().err
+
+
+def test_deepseek_v3_routing_defaults_when_transformers_omits_the_keys():
+    bare = {k: v for k, v in DEEPSEEK_V3.items() if k not in ("topk_method", "scoring_func")}
+    spec = spec_from_config(bare)
+    assert spec.router == ROUTER_SIGMOID_BIAS and spec.n_group == 4
+    assert spec_from_config({**bare, "architectures": ["DeepseekV2ForCausalLM"]}).n_group == 1

@@ -1,5 +1,9 @@
-"""Load-time pruning: build only the kept experts of each masked layer, renumbered, from the original
-checkpoint. No copy of the checkpoint is written and memory for pruned experts is never allocated.
+"""Build only the kept experts of each restricted layer; memory for pruned experts is never allocated.
+
+- `--prune` (load-time pruning): the original checkpoint's expert tensors are renumbered as they stream
+  in and the pruned ones are skipped unread. No copy of the checkpoint is written.
+- An offline-pruned checkpoint (pruned_checkpoint.py): its experts are already renumbered; its sliced
+  router rows are scattered back to their original ids.
 
 The router stays in the original expert space and the gate mask (gate_mask.py) removes the pruned
 experts from it, so routing, group selection included, is identical to the masked full model for
@@ -10,17 +14,13 @@ original ids are mapped to the new local ids through a device-resident table bui
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
-import os
 import re
 
 import torch
 
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK
-from easyep_sglang.spec import MoESpec, spec_from_model_path
+from easyep_sglang.sglang_plugin.serving_plan import ServingPlan, serving_plan
 
 logger = logging.getLogger("easyep")
 
@@ -30,6 +30,7 @@ TOPK_FORWARD = "sglang.srt.layers.moe.topk.TopK.forward"
 LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 ORIG_TO_NEW_ATTR = "easyep_orig_to_new"  # [E] int32 on TopK modules of pruned layers; -1 for pruned experts
 EXPERT_TENSOR = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts\.)(\d+)(\..+)$")
+ROUTER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
 def install() -> None:
@@ -41,23 +42,22 @@ def install() -> None:
     HookRegistry.register(TOPK_FORWARD, _to_local_expert_ids, HookType.AFTER)
 
 
-@functools.cache
-def _plan() -> tuple[MoESpec, dict[int, tuple[int, ...]]]:
+def _plan() -> ServingPlan:
     from sglang.srt.runtime_context import get_model
 
-    spec = spec_from_model_path(get_model().model_path)
-    keep = ExpertMask.load(os.environ[ENV_MASK]).resolve(spec)
-    pruned_mtp = sorted(set(keep) & set(spec.mtp_layers))
-    if pruned_mtp:
+    plan = serving_plan(get_model().model_path)
+    pruned_mtp = sorted(set(plan.keep) & set(plan.spec.mtp_layers))
+    if pruned_mtp and not plan.pruned_on_disk:
         raise ValueError(f"MTP layers {pruned_mtp} cannot be pruned at load time; use python -m easyep_sglang.prune")
-    return spec, keep
+    return plan
 
 
 def _build_kept_experts_only(original, moe, *args, **kwargs):
     from sglang.srt.runtime_context import get_flags
 
     bound = inspect.signature(original).bind(moe, *args, **kwargs)
-    spec, keep = _plan()
+    plan = _plan()
+    spec, keep = plan.spec, plan.keep
     layer_id = bound.arguments["layer_id"]
     if layer_id in keep and not get_flags().moe.in_speculative_scope:
         if bound.arguments.get("num_fused_shared_experts", 0) or bound.arguments["num_experts"] != spec.n_experts:
@@ -68,13 +68,17 @@ def _build_kept_experts_only(original, moe, *args, **kwargs):
 
 
 def _renumber_expert_weights(original, model, weights, target_device):
-    _, keep = _plan()
-    new_id = {layer: {orig: new for new, orig in enumerate(ids)} for layer, ids in keep.items()}
+    plan = _plan()
+    new_id = {layer: {orig: new for new, orig in enumerate(ids)} for layer, ids in plan.keep.items()}
 
     def kept_weights():
         for name, tensor in weights:
-            match = EXPERT_TENSOR.match(name)
-            if match and int(match[2]) in new_id:
+            if plan.pruned_on_disk:
+                if (router := ROUTER_TENSOR.match(name)) and int(router[1]) in plan.keep:
+                    full = tensor.new_zeros((plan.spec.n_experts, *tensor.shape[1:]))  # [E, ...]
+                    full[list(plan.keep[int(router[1])])] = tensor
+                    tensor = full
+            elif (match := EXPERT_TENSOR.match(name)) and int(match[2]) in new_id:
                 local = new_id[int(match[2])].get(int(match[3]))
                 if local is None:
                     continue  # a pruned expert: never materialised
@@ -89,7 +93,8 @@ def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
 
     if runner.is_draft_worker:
         return
-    spec, keep = _plan()
+    plan = _plan()
+    spec, keep = plan.spec, plan.keep
     device = next(runner.model.parameters()).device
     for module in runner.model.modules():
         if isinstance(module, TopK) and module.layer_id in keep:
@@ -97,7 +102,8 @@ def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
             orig_to_new[list(keep[module.layer_id])] = torch.arange(len(keep[module.layer_id]), dtype=torch.int32)
             setattr(module, ORIG_TO_NEW_ATTR, orig_to_new.to(device))
     kept = sum(len(ids) for ids in keep.values())
-    logger.info("easyep: pruned at load time: %d layers hold %d/%d experts", len(keep), kept, len(keep) * spec.n_experts)
+    source = "checkpoint pruned offline" if plan.pruned_on_disk else "pruned at load time"
+    logger.info("easyep: %s: %d layers hold %d/%d experts", source, len(keep), kept, len(keep) * spec.n_experts)
 
 
 def _to_local_expert_ids(topk_output, topk, *args, **kwargs):

@@ -11,13 +11,11 @@
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK
-from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec, spec_from_model_path
+from easyep_sglang.sglang_plugin.serving_plan import serving_plan
+from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec
 
 logger = logging.getLogger("easyep")
 
@@ -35,8 +33,8 @@ def install() -> None:
 
 
 def _after_load_model(_result, runner, *args, **kwargs) -> None:
-    spec = spec_from_model_path(runner.model_config.model_path)
-    keep = ExpertMask.load(os.environ[ENV_MASK]).resolve(spec)
+    plan = serving_plan(runner.model_config.model_path)
+    spec, keep = plan.spec, plan.keep
     layer_offset = spec.num_layers if runner.is_draft_worker else 0  # the MTP draft model numbers its layer 0
     applied = apply_mask(runner.model, spec, keep, layer_offset)
     expected = {l for l in keep if (l in spec.mtp_layers) == bool(runner.is_draft_worker)}

@@ -1,0 +1,119 @@
+"""python -m easyep_sglang.select: calibration statistics -> scores -> expert mask (JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import sys
+from pathlib import Path
+
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.score import SCORERS, keep_for_ratio, mix_domains, score, select_budget, select_uniform
+from easyep_sglang.spec import MoESpec, spec_from_model_path
+from easyep_sglang.stats import ExpertStats, package_version, utc_now
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m easyep_sglang.select",
+        description="Choose the routed experts to keep from calibration statistics and write an expert mask.",
+        epilog="example: python -m easyep_sglang.select --stats math.safetensors code.safetensors "
+        "--domain-weights 2,1 --method easy_ep --keep 128 --model-path /models/DeepSeek-R1 --out mask.json",
+    )
+    parser.add_argument(
+        "--stats", nargs="+", required=True, metavar="FILE",
+        help="ExpertStats .safetensors files, one per domain; several are mixed: each layer's scores "
+        "are divided by their sum, then added with --domain-weights",
+    )
+    parser.add_argument("--domain-weights", metavar="W1,W2,...", help="one weight per --stats file (default: equal)")
+    parser.add_argument("--method", default="easy_ep", choices=list(SCORERS), help="scorer (default: %(default)s)")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--keep", type=int, metavar="M", help="keep the top M experts of every MoE layer")
+    size.add_argument("--keep-ratio", type=float, metavar="R", help="keep round(R * n_experts) experts of every MoE layer")
+    size.add_argument(
+        "--budget", type=int, metavar="B",
+        help="keep B experts over all MoE layers, more where a layer's score is spread (see score.select_budget)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --method random (default: %(default)s)")
+    parser.add_argument("--model-path", required=True, metavar="DIR", help="local Hugging Face model directory holding config.json")
+    parser.add_argument("--out", required=True, metavar="FILE", help="mask JSON to write")
+    return parser
+
+
+def load_stats(path: str, spec: MoESpec, model_path: str) -> tuple[ExpertStats, dict]:
+    stats, provenance = ExpertStats.load(path)
+    model = provenance.get("model") or {}
+    if model.get("fingerprint") != spec.fingerprint:
+        raise ValueError(
+            f"{path} holds statistics for another model ({model.get('architecture')}, fingerprint "
+            f"{model.get('fingerprint')}) but {model_path} is {spec.architecture}, fingerprint {spec.fingerprint}; "
+            f"pass the --model-path the statistics were collected on, or collect statistics for this model"
+        )
+    if stats.layer_ids != spec.moe_layers or stats.n_experts != spec.n_experts:
+        raise ValueError(
+            f"{path} covers layers {list(stats.layer_ids)} x {stats.n_experts} experts, but {spec.describe()} "
+            f"has MoE layers {list(spec.moe_layers)}; collect statistics for this model"
+        )
+    return stats, provenance
+
+
+def parse_weights(text: str | None, n_files: int) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--domain-weights {text!r} must be comma-separated numbers, e.g. 1,1") from None
+    if len(weights) != n_files:
+        raise ValueError(f"--domain-weights has {len(weights)} weights for {n_files} --stats files; give one per file")
+    return weights
+
+
+def run(args: argparse.Namespace) -> tuple[ExpertMask, MoESpec]:
+    spec = spec_from_model_path(args.model_path)
+    weights = parse_weights(args.domain_weights, len(args.stats))
+    loaded = [load_stats(path, spec, args.model_path) for path in args.stats]
+    domain_scores = [score(stats, args.method, args.seed) for stats, _ in loaded]  # d x [L, E]
+    scores = domain_scores[0] if len(loaded) == 1 else mix_domains(domain_scores, weights)  # [L, E]
+    if args.budget is not None:
+        selection = {"budget": args.budget}
+        keep = select_budget(scores, spec, args.budget)
+    else:
+        per_layer = args.keep if args.keep is not None else keep_for_ratio(args.keep_ratio, spec)
+        selection = {"keep": per_layer} if args.keep is not None else {"keep_ratio": args.keep_ratio, "keep": per_layer}
+        keep = select_uniform(scores, spec, per_layer)
+    provenance = {
+        "stats": [
+            {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "provenance": prov}
+            for path, (_, prov) in zip(args.stats, loaded)
+        ],
+        "domain_weights": weights,
+        "method": args.method,
+        "selection": selection,
+        "seed": args.seed,
+        "package_version": package_version(),
+        "created": utc_now(),
+    }
+    mask = ExpertMask.for_spec(spec, keep, args.method, provenance)
+    mask.resolve(spec)  # never write a mask the server would refuse
+    mask = dataclasses.replace(mask, provenance={**provenance, "mask_digest": mask.digest()})
+    mask.save(args.out)
+    return mask, spec
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        mask, spec = run(args)
+    except (ValueError, OSError) as err:
+        sys.exit(f"easyep select: error: {err}")
+    counts = [len(ids) for ids in mask.keep.values()]
+    print(
+        f"easyep: wrote {args.out}: {args.method} over {len(args.stats)} stats file(s), {mask.summary(spec)}, "
+        f"{min(counts, default=0)}-{max(counts, default=0)} per layer, {mask.provenance['mask_digest']}"
+    )
+
+
+if __name__ == "__main__":
+    main()
