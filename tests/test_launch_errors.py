@@ -78,3 +78,33 @@ def test_no_mask_sets_no_mask_env(tiny_models, monkeypatch):
     monkeypatch.setenv(ENV_MASK, "/stale/mask.json")
     _, env = prepare(["--model-path", str(tiny_models["qwen3_moe"]), "--device", "cpu"])
     assert ENV_MASK not in env
+
+
+def _prune_tiny(tiny_models, tmp_path, keep):
+    from easyep_sglang.mask import ExpertMask
+    from easyep_sglang.prune import prune_checkpoint
+    from easyep_sglang.spec import spec_from_model_path
+
+    model = tiny_models["deepseek_v3"]
+    ExpertMask.for_spec(spec_from_model_path(model), keep, "hand").save(tmp_path / "mask.json")
+    return prune_checkpoint(model, tmp_path / "mask.json", tmp_path / "pruned")
+
+
+def test_plugin_served_pruned_checkpoint_restores_the_source_routing_space(tiny_models, tmp_path):
+    from easyep_sglang.sglang_plugin.server_env import ENV_PRUNED_CHECKPOINT
+
+    pruned = _prune_tiny(tiny_models, tmp_path, {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8, 12]})
+    argv, env = prepare(["--model-path", str(pruned), "--device", "cpu"])
+    overrides = json.loads(argv[argv.index("--json-model-override-args") + 1])
+    assert overrides == {"n_routed_experts": 16, "n_group": 4, "topk_group": 2}
+    assert env[ENV_PRUNED_CHECKPOINT] == "1" and ENV_MASK not in env
+    result = _launch("--model-path", pruned, "--mask", tmp_path / "mask.json")
+    assert result.returncode == 2 and "is already pruned; serve it without --mask" in result.stderr
+
+
+def test_stock_exact_pruned_checkpoint_needs_no_plugin(tiny_models, tmp_path):
+    from easyep_sglang.sglang_plugin.server_env import ENV_PRUNED_CHECKPOINT
+
+    pruned = _prune_tiny(tiny_models, tmp_path, {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15]})
+    argv, env = prepare(["--model-path", str(pruned), "--device", "cpu"])
+    assert "--json-model-override-args" not in argv and ENV_PRUNED_CHECKPOINT not in env
