@@ -10,10 +10,14 @@ memory caps are added (each can be overridden by passing the flag yourself).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 from easyep_sglang.mask import ExpertMask, MaskError
+from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
+from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
 from easyep_sglang.sglang_plugin.server_env import gpu_available, server_setup
 from easyep_sglang.spec import spec_from_model_path
 
@@ -30,6 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "masked experts are loaded but never routed to")
     parser.add_argument("--prune", action="store_true",
                         help="with --mask: build only the kept experts (memory for pruned experts is never allocated)")
+    parser.add_argument("--record-stats", metavar="DIR",
+                        help="record EASY-EP calibration statistics during prefill (TP, bf16/fp32 experts); "
+                        "/start_expert_distribution_record resets them, /dump_expert_distribution_record writes "
+                        "DIR/easyep_stats_<unix ns>.safetensors (see python -m easyep_sglang.calibrate)")
     parser.add_argument("--device", help="passed to SGLang; 'cpu' (or no GPU present) turns on the CPU work-arounds")
     parser.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1, help="passed to SGLang")
     return parser
@@ -40,6 +48,10 @@ def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     args, passthrough = build_parser().parse_known_args(argv)
     if args.prune and not args.mask:
         raise ValueError("--prune needs --mask: it builds only the experts the mask keeps")
+    pruned = read_pruned_checkpoint(args.model_path) if (Path(args.model_path) / "config.json").is_file() else None
+    ours = ["--model-path", args.model_path, "--tp-size", str(args.tp_size)]
+    if pruned and args.mask:
+        raise ValueError(f"{args.model_path} is already pruned; serve it without --mask/--prune")
     if args.mask:
         spec = spec_from_model_path(args.model_path)
         mask = ExpertMask.load(args.mask)
@@ -47,9 +59,15 @@ def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
         if args.prune and set(mask.resolve(spec)) & set(spec.mtp_layers):
             raise ValueError("MTP layers cannot be pruned at load time; use python -m easyep_sglang.prune")
         print(f"easyep: {spec.describe()}; {summary}", file=sys.stderr)
+    if pruned and pruned.needs_plugin:
+        if any(a.startswith("--json-model-override-args") for a in passthrough):
+            raise ValueError("--json-model-override-args cannot be combined with a plugin-served pruned checkpoint")
+        ours += ["--json-model-override-args", json.dumps(pruned.source_overrides)]
+        print(f"easyep: pruned checkpoint ({pruned.stock_engine} in stock engines), served in its source routing "
+              f"space: {sum(map(len, pruned.keep.values()))} experts in {len(pruned.keep)} pruned layers", file=sys.stderr)
     on_cpu = args.device == "cpu" or (args.device is None and not gpu_available())
-    setup = server_setup(args.mask, on_cpu=on_cpu, tp_size=args.tp_size, prune=args.prune)
-    ours = ["--model-path", args.model_path, "--tp-size", str(args.tp_size)]
+    setup = server_setup(args.mask, on_cpu=on_cpu, tp_size=args.tp_size, prune=args.prune,
+                         stats_dir=args.record_stats, pruned_checkpoint=bool(pruned and pruned.needs_plugin))
     if args.device:
         ours += ["--device", args.device]
     return ours + passthrough + setup.cli_args(ours + passthrough), setup.env

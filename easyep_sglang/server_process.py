@@ -6,6 +6,7 @@ and all, even when the caller fails.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -47,7 +48,7 @@ class LaunchedServer:
     def start(self) -> None:
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_terminate_with_parent)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -83,6 +84,12 @@ class LaunchedServer:
     def pids(self) -> list[int]:
         """PIDs of the server's process group (server, schedulers, detokenizer)."""
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == self.proc.pid]
+
+
+def _terminate_with_parent() -> None:
+    # If the caller dies without stopping us (killed test run), the server still gets SIGTERM.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _pgid(pid: int) -> int | None:

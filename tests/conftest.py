@@ -7,7 +7,9 @@ and stops every server it started at the end of the session, by PID.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import urllib.request
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +20,7 @@ from easyep_sglang.demo_model import build_tiny_model
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.sglang_plugin.expert_distribution import RECORDER_DIR_ENV, RECORDER_SERVER_ARGS
 
-MAX_ALIVE = 2
+MAX_ALIVE = int(os.environ.get("EASYEP_TEST_MAX_SERVERS", "2"))  # 1 on a machine shared with others
 ARCHS = ("deepseek_v3", "qwen3_moe")
 
 
@@ -26,6 +28,13 @@ ARCHS = ("deepseek_v3", "qwen3_moe")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: build_tiny_model(arch, root / arch) for arch in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def tiny_models_fp32(tmp_path_factory) -> dict[str, Path]:
+    """The same tiny models in float32 (serve them with --dtype float32), where SGLang and transformers agree closely."""
+    root = tmp_path_factory.mktemp("models-fp32")
+    return {arch: build_tiny_model(arch, root / arch, dtype="float32") for arch in ARCHS}
 
 
 class ServerPool:
@@ -78,3 +87,20 @@ def generate(server: LaunchedServer, prompt: str, max_new_tokens: int = 24, temp
         out = json.loads(resp.read())
     logprobs = out["meta_info"]["output_token_logprobs"]  # [(logprob, token_id, text)]
     return {"text": out["text"], "token_ids": [t[1] for t in logprobs], "logprobs": [t[0] for t in logprobs]}
+
+
+# Recording servers of the fp32 models: DeepSeek with small prefill chunks and the prefix cache on,
+# Qwen with the default chunks and the cache off, so calibration is checked under both.
+RECORDING_ARGS = {
+    "deepseek_v3": ("--dtype", "float32", "--chunked-prefill-size", "16"),
+    "qwen3_moe": ("--dtype", "float32", "--disable-radix-cache"),
+}
+
+
+def recording_server(servers: ServerPool, model: Path, *extra_args: str) -> LaunchedServer:
+    """A pool server started with --record-stats; its statistics directory is `server.stats_dir`."""
+    key = hashlib.sha256(repr((str(model), extra_args)).encode()).hexdigest()[:12]
+    stats_dir = servers.root / f"stats-{key}"
+    server = servers.get(model, None, ("--record-stats", str(stats_dir), *extra_args))
+    server.stats_dir = stats_dir
+    return server

@@ -29,18 +29,10 @@ MASKS = {  # (arch, name) -> (keep, the pruner's stock_engine verdict)
 }
 
 
-@pytest.fixture(scope="module")
-def fp32_models(tmp_path_factory):
-    from easyep_sglang.demo_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("fp32-models")
-    return {arch: build_tiny_model(arch, root / arch, dtype="float32") for arch in ("deepseek_v3", "qwen3_moe")}
-
-
 @pytest.fixture(scope="module", params=sorted(MASKS), ids=lambda k: f"{k[0]}-{k[1]}")
-def case(request, fp32_models, tmp_path_factory):
+def case(request, tiny_models_fp32, tmp_path_factory):
     arch, name = request.param
-    model = fp32_models[arch]
+    model = tiny_models_fp32[arch]
     spec = spec_from_model_path(model)
     folder = tmp_path_factory.mktemp(f"prune-{arch}-{name}")
     keep, stock_engine = MASKS[arch, name]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE
+from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR
 
 TESTED_SGLANG_VERSION = "0.5.23"
 
@@ -20,11 +20,16 @@ def load_plugin() -> None:
         from easyep_sglang.sglang_plugin import cpu_compat
 
         cpu_compat.install()
-    if os.environ.get(ENV_MASK):
+    pruned_checkpoint = os.environ.get(ENV_PRUNED_CHECKPOINT) == "1"
+    if os.environ.get(ENV_MASK) or pruned_checkpoint:
         from easyep_sglang.sglang_plugin import gate_mask
 
         gate_mask.install()
-    if os.environ.get(ENV_MASK) and os.environ.get(ENV_PRUNE) == "1":
+    if os.environ.get(ENV_MASK) and os.environ.get(ENV_PRUNE) == "1" or pruned_checkpoint:
         from easyep_sglang.sglang_plugin import expert_prune
 
         expert_prune.install()
+    if os.environ.get(ENV_STATS_DIR):
+        from easyep_sglang.sglang_plugin import stats_recorder
+
+        stats_recorder.install()

@@ -12,6 +12,8 @@ from pathlib import Path
 
 ENV_MASK = "EASYEP_MASK"  # absolute path of the JSON mask the workers apply at load time
 ENV_PRUNE = "EASYEP_PRUNE"  # "1": build only the kept experts (load-time pruning) instead of masking
+ENV_PRUNED_CHECKPOINT = "EASYEP_PRUNED_CHECKPOINT"  # "1": serve an offline-pruned checkpoint in its source routing space
+ENV_STATS_DIR = "EASYEP_STATS_DIR"  # set: the workers record calibration statistics and dump them here
 CPU_SHIM_DIR = Path(__file__).parent / "cpu_shim"
 
 # Server arguments added on a CPU machine unless the user gave them. Keys are ServerArgs fields.
@@ -51,17 +53,25 @@ def gpu_available() -> bool:
     return torch.cuda.is_available()
 
 
-def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: bool = False, base_env=None) -> ServerSetup:
+def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: bool = False, base_env=None,
+                 stats_dir: str | None = None, pruned_checkpoint: bool = False) -> ServerSetup:
     assert mask_path or not prune, "pruning needs a mask"
     env = dict(os.environ if base_env is None else base_env)
-    env.pop(ENV_MASK, None)
-    env.pop(ENV_PRUNE, None)
+    for key in (ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR):
+        env.pop(key, None)
     if mask_path:
         env[ENV_MASK] = str(Path(mask_path).resolve())
     if prune:
         env[ENV_PRUNE] = "1"
+    if pruned_checkpoint:
+        env[ENV_PRUNED_CHECKPOINT] = "1"
+    recording = {}
+    if stats_dir:
+        env[ENV_STATS_DIR] = str(Path(stats_dir).resolve())
+        env.setdefault("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "0")  # /health would prefill into the statistics
+        recording = {"disable_prefill_cuda_graph": True}  # hooks do not run when a captured graph replays
     if not on_cpu:
-        return ServerSetup(env)
+        return ServerSetup(env, recording)
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env.setdefault("TORCHDYNAMO_DISABLE", "1")  # skips a ~20 s inductor compile of the grouped top-k
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_SHIM_DIR), env.get("PYTHONPATH")) if p)
@@ -69,7 +79,7 @@ def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: b
         env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _split_cores(tp_size))
         # A CUDA build of torch makes pynccl look for a CUDA device; a missing library disables it.
         env.setdefault("SGLANG_NCCL_SO_PATH", str(CPU_SHIM_DIR / "no-nccl.so"))
-    return ServerSetup(env, dict(CPU_SERVER_DEFAULTS))
+    return ServerSetup(env, {**CPU_SERVER_DEFAULTS, **recording})
 
 
 def _split_cores(parts: int) -> str:

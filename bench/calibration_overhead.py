@@ -1,0 +1,95 @@
+"""Calibration prefill throughput with the statistics recorder on vs off, and the size of its file.
+
+    .venv/bin/python -m bench.calibration_overhead [--model-path DIR | --arch deepseek_v3] [--samples 12]
+        [--tokens 512] [--rounds 2] [SGLang args...]
+
+"off" is the plain server started by our launcher; "on" is the same server with --record-stats,
+recording. Both run the calibration driver's loop (flush the prefix cache, prefill one sample with
+max_new_tokens=1) over the same random token ids, after one untimed warm-up sample. Servers are
+started one at a time, alternating off/on for --rounds rounds, so load from other work on the
+machine hits both modes; the median prefill throughput of each mode, their ratio (goal >= 0.5) and
+the size of the statistics file are printed as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from easyep_sglang.calibrate import DUMP_GLOB, Sample, ServerClient, flush_prefix_cache
+from easyep_sglang.demo_model import SUPPORTED_ARCHS, build_tiny_model
+from easyep_sglang.server_process import LaunchedServer
+from easyep_sglang.spec import load_config
+
+
+def random_samples(vocab_size: int, count: int, length: int, seed: int = 0) -> list[Sample]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, vocab_size, (count, length), generator=generator)  # ids 0-3 are special in the demo models
+    return [Sample(tuple(row.tolist())) for row in ids]
+
+
+def prefill_seconds(client: ServerClient, samples: list[Sample]) -> float:
+    """Wall time of the driver's loop: flush the prefix cache, then prefill one sample, sample after sample."""
+    start = time.perf_counter()
+    for sample in samples:
+        flush_prefix_cache(client)
+        meta = client.generate([sample.token_ids], [{"max_new_tokens": 1, "temperature": 0.0}])[0]["meta_info"]
+        assert meta["cached_tokens"] == 0
+    return time.perf_counter() - start
+
+
+def run_round(model: Path, record: bool, samples: list[Sample], warmup: Sample, sglang_args: list[str], workdir: Path) -> dict:
+    stats_dir = workdir / "stats"
+    extra = ["--record-stats", str(stats_dir), *sglang_args] if record else list(sglang_args)
+    with LaunchedServer(model, extra_args=extra, log_path=workdir / f"server-{'on' if record else 'off'}.log") as server:
+        client = ServerClient(server.base_url)
+        prefill_seconds(client, [warmup])
+        if record:
+            client.expert_record("start")
+        seconds = prefill_seconds(client, samples)
+        result = {"tokens_per_s": sum(len(s.token_ids) for s in samples) / seconds}
+        if record:
+            client.expert_record("stop")
+            client.expert_record("dump")
+            dump = max(stats_dir.glob(DUMP_GLOB))  # names end in the unix time in ns
+            result["stats_file_bytes"] = dump.stat().st_size
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.calibration_overhead", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments go to both servers (e.g. --dtype float32).")
+    parser.add_argument("--model-path", metavar="DIR", help="model to serve (default: a tiny --arch model built here)")
+    parser.add_argument("--arch", default="deepseek_v3", choices=sorted(SUPPORTED_ARCHS), help="tiny model to build")
+    parser.add_argument("--samples", type=int, default=12, help="timed prefills per round (default: %(default)s)")
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per sample (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=2, help="off/on server pairs, alternating (default: %(default)s)")
+    args, sglang_args = parser.parse_known_args(argv)
+    with tempfile.TemporaryDirectory(prefix="easyep-bench-") as tmp:
+        workdir = Path(tmp)
+        model = Path(args.model_path) if args.model_path else build_tiny_model(args.arch, workdir / "model")
+        samples = random_samples(load_config(model)["vocab_size"], args.samples + 1, args.tokens)
+        rounds = {"off": [], "on": []}
+        for index in range(args.rounds):
+            for mode in ("off", "on"):
+                rounds[mode].append(run_round(model, mode == "on", samples[1:], samples[0], sglang_args, workdir))
+                print(f"round {index + 1} {mode}: {rounds[mode][-1]}", file=sys.stderr, flush=True)
+    off, on = (statistics.median(r["tokens_per_s"] for r in rounds[mode]) for mode in ("off", "on"))
+    print(json.dumps({
+        "model": str(args.model_path or f"tiny {args.arch} (bf16)"), "sglang_args": sglang_args,
+        "samples": args.samples, "tokens_per_sample": args.tokens, "rounds": args.rounds,
+        "prefill_tokens_per_s": {"off": round(off, 1), "on": round(on, 1)},
+        "ratio_on_over_off": round(on / off, 3), "goal": ">= 0.5",
+        "stats_file_bytes": rounds["on"][-1]["stats_file_bytes"],
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

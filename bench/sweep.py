@@ -1,0 +1,259 @@
+"""Throughput sweep: the full model vs expert masks (and pruned checkpoints) over input x output lengths.
+
+    python -m bench.sweep --model-path DIR --experts 8 [--scale 0.03] [--modes full masked]
+    python -m bench.sweep --bench-model expert-dominated --experts 64 32 --scale 0.03
+
+The shape of the EASY-EP paper's throughput study (its Figures 1 and 6: SGLang, concurrency 32,
+{1K, 4K} input x {1K, 4K} output, speedup over the full model vs experts kept). Each configuration gets
+its own server, started and stopped here, one at a time. Each (input, output) setting is one
+bench_serving run and one JSONL row with provenance; then a markdown table and a PNG are rendered.
+
+Modes: full (no mask); masked (launcher --mask: experts loaded, never routed to); prune_load (launcher
+--prune: drop masked experts at load time); prune_offline (python -m easyep_sglang.prune, then serve the
+pruned checkpoint). A pruned mode the launcher or pruner does not support is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.serving import BenchConfig, bench_server, sigterm_unwinds
+from bench.sweep_report import write_report
+from easyep_sglang.mask import ExpertMask, MaskError
+from easyep_sglang.report import append_row, provenance
+from easyep_sglang.server_process import LaunchedServer
+from easyep_sglang.sglang_plugin.server_env import gpu_available
+from easyep_sglang.spec import MoESpec, spec_from_model_path
+
+MODES = ("full", "masked", "prune_load", "prune_offline")
+NO_TOKEN_CAP = "1000000000"  # lifts the launcher's CPU --max-total-tokens cap: the memory fraction decides
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    arch: str
+    overrides: dict
+    mem_fraction_static: float  # enough on a CPU host for weights plus the KV cache
+
+
+# Random-weight DeepSeek-V3 checkpoints from easyep_sglang.demo_model. "expert-dominated" puts ~99% of
+# its ~1.2 GB in routed experts (4 MoE layers x 128 experts x 3 x 512 x 768 bf16), so the memory a
+# pruned checkpoint frees, and the bytes a decode step reads, are visible on a CPU.
+BENCH_MODELS = {
+    "tiny": BenchModel("deepseek_v3", {}, 0.2),
+    "expert-dominated": BenchModel("deepseek_v3", dict(
+        hidden_size=512, intermediate_size=1024, num_hidden_layers=5, first_k_dense_replace=1,
+        n_routed_experts=128, moe_intermediate_size=768, num_experts_per_tok=8, n_group=8, topk_group=4,
+        num_attention_heads=8, num_key_value_heads=8,
+    ), 0.3),
+}
+
+
+@dataclass(frozen=True)
+class Launch:
+    model_path: Path
+    mask: Path | None = None
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    mode: str
+    experts: float  # routed experts kept per MoE layer (mean over layers)
+    mask_path: Path | None
+
+
+def first_experts_mask(spec: MoESpec, keep: int) -> ExpertMask:
+    """Keep `keep` experts per MoE layer: the first ids of each group, spread evenly (group g keeps
+    keep // n_group, the first keep % n_group groups one more), so group-limited routing still reaches
+    top_k kept experts. Raises MaskError (from ExpertMask.resolve) when no spread can."""
+    if not spec.top_k <= keep <= spec.n_experts:
+        raise MaskError(f"cannot keep {keep} experts: choose between top_k={spec.top_k} and {spec.n_experts}")
+    base, extra = divmod(keep, spec.n_group)
+    ids = [g * spec.group_size + i for g in range(spec.n_group) for i in range(base + (g < extra))]
+    mask = ExpertMask.for_spec(spec, {layer: ids for layer in spec.moe_layers}, method=f"first-{keep}-per-layer",
+                               provenance={"builder": "bench.sweep.first_experts_mask"})
+    mask.resolve(spec)
+    return mask
+
+
+def build_bench_model(name: str, out_dir: Path) -> Path:
+    from easyep_sglang.demo_model import build_tiny_model
+
+    model = BENCH_MODELS[name]
+    path = out_dir / "models" / name
+    if not (path / "config.json").is_file():
+        print(f"easyep: building the {name} bench model in {path}", file=sys.stderr, flush=True)
+        build_tiny_model(model.arch, path, force=True, **model.overrides)
+    return path
+
+
+def plan_configs(args, spec: MoESpec, out_dir: Path) -> list[ServerConfig]:
+    masks = [ExpertMask.load(p) for p in args.mask_file]
+    paths = list(args.mask_file)
+    for keep in args.experts or ([] if masks else default_expert_counts(spec)):
+        mask = first_experts_mask(spec, keep)
+        path = out_dir / "masks" / f"first-{keep}.json"
+        mask.save(path)
+        masks.append(mask)
+        paths.append(path)
+    configs = [ServerConfig("full", spec.n_experts, None)] if "full" in args.modes else []
+    for mask, path in zip(masks, paths):
+        resolved = mask.resolve(spec)  # every mask is checked before the first server starts
+        experts = sum(len(resolved.get(l, range(spec.n_experts))) for l in spec.moe_layers) / len(spec.moe_layers)
+        configs += [ServerConfig(mode, experts, Path(path)) for mode in args.modes if mode != "full"]
+    return configs
+
+
+def default_expert_counts(spec: MoESpec) -> list[int]:
+    """The paper's 1/2 and 1/4 of the experts (128 and 64 of 256), where routing allows it."""
+    counts = []
+    for keep in (spec.n_experts // 2, spec.n_experts // 4):
+        try:
+            first_experts_mask(spec, keep)
+            counts.append(keep)
+        except MaskError:
+            continue
+    return counts
+
+
+def prepare_server(config: ServerConfig, model_path: Path, out_dir: Path) -> tuple[Launch | None, str | None]:
+    """How to launch a configuration's server, or None and the reason it is skipped."""
+    if config.mode == "full":
+        return Launch(model_path), None
+    if config.mode == "masked":
+        return Launch(model_path, config.mask_path), None
+    if config.mode == "prune_load":
+        help_text = subprocess.run([sys.executable, "-m", "easyep_sglang.launch", "--help"],
+                                   capture_output=True, text=True).stdout
+        if "--prune" not in help_text:
+            return None, "the launcher has no --prune flag (python -m easyep_sglang.launch --help)"
+        return Launch(model_path, config.mask_path, ("--prune",)), None
+    pruned = out_dir / "pruned" / config.mask_path.stem
+    command = [sys.executable, "-m", "easyep_sglang.prune", "--model-path", str(model_path),
+               "--mask", str(config.mask_path), "--out", str(pruned), "--force"]
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+        return None, f"the offline pruner rejected it ({shlex.join(command)}: exit {proc.returncode}: {tail})"
+    return Launch(pruned), None
+
+
+def run_sweep(args) -> Path:
+    out_dir = Path(args.out_dir)
+    model_path = Path(args.model_path) if args.model_path else build_bench_model(args.bench_model, out_dir)
+    spec = spec_from_model_path(model_path)
+    configs = plan_configs(args, spec, out_dir)
+    sweep_id, server_args = time.strftime("%Y%m%dT%H%M%S"), server_flags(args)
+    settings = [(i, o, scaled(i, args.scale), scaled(o, args.scale)) for i in args.inputs for o in args.outputs]
+    rows_path, skipped = out_dir / "sweep.jsonl", []
+    for config in configs:
+        launch, reason = prepare_server(config, model_path, out_dir)
+        if launch:
+            reason = run_config(args, server_args, config, launch, model_path, settings, sweep_id, rows_path)
+        if reason:
+            print(f"easyep: skipping {config.mode} with {config.experts:g} experts: {reason}", file=sys.stderr)
+            skipped.append(f"{config.mode} ({config.experts:g} experts): {reason}")
+    return write_report(rows_path, sweep_id, skipped)
+
+
+def run_config(args, server_args: list[str], config: ServerConfig, launch: Launch, model_path: Path, settings,
+               sweep_id: str, rows_path: Path) -> str | None:
+    """Serve one configuration and append a row per (input, output) setting; the reason if it cannot start."""
+    log = Path(args.out_dir) / "logs" / f"{sweep_id}-{config.mode}-{config.experts:g}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    server = LaunchedServer(launch.model_path, mask=launch.mask, extra_args=[*launch.extra_args, *server_args],
+                            log_path=log, startup_timeout=args.startup_timeout)
+    try:
+        server.start()
+    except (RuntimeError, TimeoutError) as err:
+        server.stop()
+        lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()] if log.exists() else []
+        said = next((l for l in reversed(lines) if l.startswith("easyep: error")), lines[-1] if lines else "")
+        return f"the server did not start ({err}); {said}"
+    try:
+        for nominal_in, nominal_out, input_len, output_len in settings:
+            bench = BenchConfig(input_len, output_len, args.num_prompts or 2 * args.concurrency, args.concurrency)
+            print(f"easyep: {config.mode}, {config.experts:g} experts, {input_len} in / {output_len} out",
+                  file=sys.stderr, flush=True)
+            result = bench_server(server, launch.model_path, bench)
+            append_row(rows_path, {
+                "kind": "throughput-sweep", "sweep_id": sweep_id, "mode": config.mode, "experts": config.experts,
+                "nominal_input_len": nominal_in, "nominal_output_len": nominal_out, "scale": args.scale,
+                "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
+                "num_prompts": bench.num_prompts,
+                "memory_budget": "same-mem-fraction" if args.same_memory_budget else "fixed-kv-tokens",
+                "server_args": server_args,
+                **provenance(server.base_url, mask_path=config.mask_path, model_path=model_path),
+                **result,
+            })
+    finally:
+        server.stop()
+    return None
+
+
+def server_flags(args) -> list[str]:
+    """Flags every server of the sweep gets. On a CPU the launcher's own 0.05 fraction fails when other
+    processes take memory while the server starts, so a CPU run gets the bench model's fraction."""
+    fraction = args.mem_fraction_static or BENCH_MODELS[args.bench_model or "tiny"].mem_fraction_static
+    if args.mem_fraction_static is None and args.model_path and gpu_available():
+        fraction = None  # SGLang's own choice, which depends on the GPU only: the same for every config
+    flags = ["--mem-fraction-static", str(fraction)] if fraction else []
+    if args.same_memory_budget:  # freed expert memory becomes KV cache, as on a GPU at a fixed fraction
+        flags += ["--max-total-tokens", NO_TOKEN_CAP]
+    elif args.max_total_tokens:
+        flags += ["--max-total-tokens", str(args.max_total_tokens)]
+    return flags + shlex.split(args.server_args)
+
+
+def scaled(length: int, scale: float) -> int:
+    return max(1, round(length * scale))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model-path", help="local model directory to benchmark")
+    model.add_argument("--bench-model", choices=sorted(BENCH_MODELS),
+                       help="build (once, under --out-dir/models) and benchmark a random-weight DeepSeek-V3")
+    parser.add_argument("--experts", type=int, nargs="+", default=[],
+                        help="experts kept per MoE layer, one masked config each (default: 1/2 and 1/4 of them)")
+    parser.add_argument("--mask-file", nargs="+", default=[], help="also benchmark these mask files")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["full", "masked"], help="(default: full masked)")
+    parser.add_argument("--inputs", type=int, nargs="+", default=[1024, 4096], help="nominal input lengths (default: 1024 4096)")
+    parser.add_argument("--outputs", type=int, nargs="+", default=[1024, 4096], help="nominal output lengths (default: 1024 4096)")
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every length (default: 1; e.g. 0.03 on a CPU)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (paper: 32)")
+    parser.add_argument("--num-prompts", type=int, default=0, help="requests per run (default: 2 x concurrency)")
+    parser.add_argument("--same-memory-budget", action="store_true",
+                        help="one --mem-fraction-static for every config and no KV token cap, so memory a pruned "
+                        "model frees becomes KV cache (default: the launcher's fixed KV token cap on a CPU)")
+    parser.add_argument("--mem-fraction-static", type=float, help="passed to every server (default: per bench model)")
+    parser.add_argument("--max-total-tokens", type=int, help="fixed KV cache tokens for every server")
+    parser.add_argument("--server-args", default="", help="more launcher/SGLang flags for every server, quoted")
+    parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for each server")
+    parser.add_argument("--out-dir", default="runs/sweep", help="sweep.jsonl (appended), sweep.md, sweep.png, logs")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        with sigterm_unwinds():
+            table_path = run_sweep(args)
+    except (MaskError, ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+        print(f"easyep: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(table_path.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Render a throughput sweep's JSONL rows as a markdown table and a PNG plot of speedup over the full model.
+
+    python -m bench.sweep_report runs/sweep/sweep.jsonl [--sweep-id ID]   # default: the file's last sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+from easyep_sglang.fileio import atomic_write_bytes, atomic_write_text
+from easyep_sglang.report import read_rows
+
+PAPER_NOTE = (
+    "The paper (EASY-EP, Figures 1 and 6) doubled the throughput of configurations that fit on one "
+    "8xH800 node (192 experts or fewer) to compare them with the full model on two nodes. The numbers "
+    "here are raw: one server per configuration, nothing doubled."
+)
+
+
+def _length(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _setting_label(row: dict) -> str:
+    nominal = f"{_length(row['nominal_input_len'])} in / {_length(row['nominal_output_len'])} out"
+    return f"{nominal} ({row['input_len']}/{row['output_len']} tok)"
+
+
+def sweep_rows(rows: list[dict], sweep_id: str | None) -> list[dict]:
+    rows = [r for r in rows if r.get("kind") == "throughput-sweep"]
+    if not rows:
+        raise ValueError("no throughput-sweep rows; run python -m bench.sweep first")
+    sweep_id = sweep_id or rows[-1]["sweep_id"]
+    return [r for r in rows if r["sweep_id"] == sweep_id]
+
+
+def speedup_grid(rows: list[dict], key: str = "output_throughput") -> tuple[list[str], list[tuple], dict]:
+    """(setting labels, (mode, experts) configs, {(mode, experts, label): (row, `key` / full's, or None)})."""
+    settings = list(dict.fromkeys(_setting_label(r) for r in rows))
+    configs = list(dict.fromkeys((r["mode"], r["experts"]) for r in rows))
+    full = {_setting_label(r): r.get(key) for r in rows if r["mode"] == "full"}
+    grid = {}
+    for r in rows:
+        label = _setting_label(r)
+        base = full.get(label)
+        grid[(r["mode"], r["experts"], label)] = (r, r[key] / base if base and r.get(key) else None)
+    return settings, configs, grid
+
+
+def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
+    settings, configs, grid = speedup_grid(rows)
+    cpu_grid = speedup_grid(rows, "output_tokens_per_cpu_s")[2]
+    first = rows[0]
+    header = [
+        f"# Throughput sweep {first['sweep_id']}",
+        "",
+        f"Model `{first['model']}` ({first.get('architecture')}, {first.get('model_fingerprint')}); "
+        f"SGLang {first['sglang_version']}; device {first['device']} ({first['moe_kernel_path']}); "
+        f"git {first['git_commit']}.",
+        f"Concurrency {first['concurrency']}, {first['num_prompts']} prompts per run, lengths x{first['scale']:g}; "
+        f"memory budget {first['memory_budget']} (mem_fraction_static {first['mem_fraction_static']}).",
+        "Cells: output tokens/s (speedup over the full model; the same per server CPU-second, which other work "
+        "on the host barely moves). PSS: all server processes, max over runs.",
+        "",
+        "| mode | experts | PSS (GB) | KV tokens | " + " | ".join(settings) + " |",
+        "|---|---|---|---|" + "---|" * len(settings),
+    ]
+    lines = []
+    for mode, experts in configs:
+        cells = []
+        config_rows = [grid[(mode, experts, s)][0] for s in settings if (mode, experts, s) in grid]
+        for label in settings:
+            row, speedup = grid.get((mode, experts, label), (None, None))
+            cpu_speedup = cpu_grid.get((mode, experts, label), (None, None))[1]
+            ratios = [f"{x:.2f}x{suffix}" for x, suffix in ((speedup, ""), (cpu_speedup, "/CPU-s")) if x is not None]
+            cells.append("—" if row is None else f"{row['output_throughput']:.1f}" +
+                         (f" ({', '.join(ratios)})" if ratios else ""))
+        pss = max(r["server_pss_bytes"] for r in config_rows) / 1e9
+        kv = config_rows[0].get("max_total_num_tokens")
+        lines.append(f"| {mode} | {experts:g} | {pss:.2f} | {kv} | " + " | ".join(cells) + " |")
+    footer = ["", f"Note: {PAPER_NOTE}"]
+    if skipped:
+        footer += ["", "Skipped:"] + [f"- {reason}" for reason in skipped]
+    return "\n".join(header + lines + footer) + "\n"
+
+
+def plot_png(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings, configs, grid = speedup_grid(rows)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"masked": "-", "prune_load": "--", "prune_offline": ":"}
+    for label in settings:
+        for mode in [m for m in styles if any(c[0] == m for c in configs)]:
+            points = sorted((e, grid[(m, e, label)][1]) for m, e in configs
+                            if m in (mode, "full") and (m, e, label) in grid and grid[(m, e, label)][1])
+            if points:
+                ax.plot(*zip(*points), styles[mode], marker="o", label=f"{label}, {mode}")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("routed experts kept per MoE layer")
+    ax.set_ylabel("output throughput / full model")
+    ax.set_title(f"Speedup over the full model, concurrency {rows[0]['concurrency']} ({rows[0]['device']})")
+    ax.legend(fontsize=7)
+    fig.text(0.01, 0.01, "Raw single-server numbers; the paper doubled one-node configurations.", fontsize=7)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(rows_path: str | Path, sweep_id: str | None = None, skipped: list[str] = ()) -> Path:
+    """Write sweep.md and sweep.png beside the rows; return the markdown path."""
+    rows_path = Path(rows_path)
+    rows = sweep_rows(read_rows(rows_path), sweep_id) if rows_path.exists() else []
+    md_path, png_path = rows_path.with_suffix(".md"), rows_path.with_suffix(".png")
+    if not rows:
+        atomic_write_text(md_path, "No runs completed.\n" + "".join(f"- skipped {s}\n" for s in skipped))
+        return md_path
+    atomic_write_text(md_path, markdown_table(rows, skipped))
+    atomic_write_bytes(png_path, plot_png(rows))
+    return md_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.sweep_report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", help="the sweep's JSONL file (bench.sweep --out-dir X writes X/sweep.jsonl)")
+    parser.add_argument("--sweep-id", help="which sweep in the file (default: the last one)")
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(args.rows, args.sweep_id).read_text())
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+
+
+if __name__ == "__main__":
+    main()

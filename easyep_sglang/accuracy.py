@@ -1,0 +1,186 @@
+"""pass@1 of a served model on maths problems: n samples per problem through the OpenAI-compatible API,
+answers compared symbolically by math-verify.
+
+    python -m easyep_sglang.accuracy --base-url URL --model NAME --data problems.jsonl --out report.jsonl \\
+        [--n 5] [--temperature 0.6] [--top-p 0.95] [--max-tokens 32768] [--concurrency 8]
+
+Data: JSONL rows {"problem": ..., "answer": ...}; easyep_sglang/data/tiny_math.jsonl is a bundled example.
+Defaults follow the EASY-EP evaluation (DeepSeek-R1: 5 samples at temperature 0.6, top-p 0.95, up to
+32k tokens; pass@1 = mean correctness over the samples). One report row per run, with the provenance
+of the benchmark rows (easyep_sglang/report.py), is appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+from easyep_sglang.report import append_row, provenance
+
+R1_MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+BUNDLED_DATA = Path(__file__).parent / "data" / "tiny_math.jsonl"
+TEXT_TAIL_CHARS = 1000  # of each completion kept in the report: enough to see the final answer
+_AFTER_A = re.compile(r"A:[ \t]*([^\n]*)")
+
+
+def extract_answer(text: str) -> str | None:
+    r"""The answer a completion states, or None.
+
+    1. The content of the last \boxed{...} (nested braces balanced), as DeepSeek-R1 is asked to write it.
+    2. Otherwise the rest of the line after the last "A:", the format of few-shot "Q: ... A: 85" prompts
+       such as our tiny demo data.
+    """
+    start = text.rfind("\\boxed{")
+    if start >= 0:
+        depth, i = 1, start + len("\\boxed{")
+        for j in range(i, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i:j].strip()
+    matches = _AFTER_A.findall(text)
+    return (matches[-1].strip() or None) if matches else None
+
+
+def is_correct(prediction: str | None, gold: str) -> bool:
+    """math-verify's symbolic comparison; both sides are parsed as LaTeX maths ($...$)."""
+    from math_verify import parse, verify
+
+    if not prediction:
+        return False
+    as_math = lambda s: "$" + s.strip().strip("$") + "$"
+    return bool(verify(parse(as_math(gold)), parse(as_math(prediction))))
+
+
+@dataclass(frozen=True)
+class Problem:
+    problem: str
+    answer: str
+
+
+def load_problems(path: str | Path) -> list[Problem]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; --data takes a JSONL file of {{problem, answer}} rows")
+    problems = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            problems.append(Problem(str(row["problem"]), str(row["answer"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path}:{number}: each line must be a JSON object with 'problem' and 'answer' "
+                             f"({err})") from None
+    if not problems:
+        raise ValueError(f"{path} holds no problems")
+    return problems
+
+
+def sample(client, args, problem: Problem, seed: int | None) -> dict:
+    """One chat completion; errors are recorded, not raised, so one bad request does not end the run."""
+    try:
+        response = client.chat.completions.create(
+            model=args.model, messages=[{"role": "user", "content": problem.problem + args.prompt_suffix}],
+            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed,
+        )
+    except Exception as err:  # the openai client raises many types; the report keeps the message
+        return {"error": f"{type(err).__name__}: {err}"[:500]}
+    choice = response.choices[0]
+    text = choice.message.content or ""
+    return {"text_tail": text[-TEXT_TAIL_CHARS:], "finish_reason": choice.finish_reason,
+            "completion_tokens": response.usage.completion_tokens if response.usage else None,
+            "extracted": extract_answer(text)}
+
+
+def evaluate(args) -> dict:
+    from openai import APIConnectionError, OpenAI
+    from tqdm import tqdm
+
+    problems = load_problems(args.data)
+    client = OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
+                    timeout=args.request_timeout, max_retries=1)
+    try:
+        client.models.list()
+    except APIConnectionError:
+        raise ValueError(f"no server answers at {args.base_url}; "
+                         "start one (python -m easyep_sglang.launch ...)") from None
+    facts = provenance(args.base_url, mask_path=args.mask)  # the server as it was when sampling started
+    started = time.monotonic()
+    samples: list[list[dict | None]] = [[None] * args.n for _ in problems]
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        futures = {}
+        for i, problem in enumerate(problems):
+            for j in range(args.n):
+                seed = None if args.seed is None else args.seed + i * args.n + j
+                futures[pool.submit(sample, client, args, problem, seed)] = (i, j)
+        for future in tqdm(as_completed(futures), total=len(futures), desc="samples", disable=args.quiet):
+            i, j = futures[future]
+            result = future.result()
+            # Graded here, in the main thread: math-verify's timeouts use signals.
+            result["correct"] = is_correct(result.get("extracted"), problems[i].answer)
+            samples[i][j] = result
+    per_problem = [
+        {"index": i, "answer": p.answer, "pass@1": sum(s["correct"] for s in samples[i]) / args.n,
+         "samples": samples[i]}
+        for i, p in enumerate(problems)
+    ]
+    return {
+        "kind": "accuracy", "data": str(args.data),
+        "data_sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
+        "served_model": args.model, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
+        "max_tokens": args.max_tokens, "concurrency": args.concurrency, "seed": args.seed,
+        "prompt_suffix": args.prompt_suffix, "num_problems": len(problems),
+        "pass@1": sum(p["pass@1"] for p in per_problem) / len(per_problem),
+        "errors": sum("error" in s for row in samples for s in row),
+        "duration_s": round(time.monotonic() - started, 1),
+        **facts, "problems": per_problem,
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m easyep_sglang.accuracy", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:30000")
+    parser.add_argument("--model", required=True, help="served model name (GET /v1/models lists it)")
+    parser.add_argument("--data", default=str(BUNDLED_DATA),
+                        help="JSONL of {problem, answer} (default: the bundled tiny_math.jsonl)")
+    parser.add_argument("--out", required=True, help="JSONL report; one row per run is appended")
+    parser.add_argument("--n", type=int, default=5, help="samples per problem (default: 5)")
+    parser.add_argument("--temperature", type=float, default=0.6, help="(default: 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="(default: 0.95)")
+    parser.add_argument("--max-tokens", type=int, default=32768, help="per sample (default: 32768)")
+    parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: 8)")
+    parser.add_argument("--seed", type=int, help="base sampling seed; sample j of problem i uses seed + i*n + j")
+    parser.add_argument("--prompt-suffix", default=R1_MATH_SUFFIX, help="appended to every problem "
+                        "(default: DeepSeek-R1's 'reason step by step ... within \\boxed{}')")
+    parser.add_argument("--mask", help="the mask the server runs with, recorded (digest) in the report")
+    parser.add_argument("--request-timeout", type=float, default=3600, help="seconds per request (default: 3600)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.n < 1 or args.concurrency < 1:
+        raise SystemExit("easyep: error: --n and --concurrency must be at least 1")
+    try:
+        row = evaluate(args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        print(f"easyep: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    append_row(args.out, row)
+    print(f"pass@1 {row['pass@1']:.4f} over {row['num_problems']} problems x {args.n} samples "
+          f"({row['errors']} request errors, {row['duration_s']}s); row appended to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Accuracy harness: answer extraction, math-verify grading, and a live run against a tiny served model."""
+
+import json
+
+import pytest
+
+from easyep_sglang.accuracy import BUNDLED_DATA, extract_answer, is_correct, load_problems, main
+from easyep_sglang.demo_model import build_tiny_model
+from easyep_sglang.report import read_rows
+from easyep_sglang.server_process import LaunchedServer
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"so the answer is \boxed{\frac{1}{2}}.", r"\frac{1}{2}"),
+    (r"\boxed{2} no, wait: \boxed{\frac{1}{\sqrt{2}}}", r"\frac{1}{\sqrt{2}}"),
+    ("Q: 2+2=? A: 4\nQ: 37+48=? A: 85\nQ:", "85"),
+    (r"A: 3 but boxed wins: \boxed{4}", "4"),
+    ("no answer here", None),
+    (r"\boxed{unclosed", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("completion, gold, correct", [
+    (r"\boxed{\frac{1}{2}}", "0.5", True),
+    (r"\boxed{3}", "4", False),
+    (r"\boxed{\frac{3}{4}}", r"\frac{3}{4}", True),
+    (r"\boxed{0.75}", r"\frac{3}{4}", True),
+    ("Q: 37+48=? A: 85", "85", True),
+    ("Q: 37+48=? A: 86", "85", False),
+    ("I cannot tell", "85", False),
+])
+def test_math_verify_decides(completion, gold, correct):
+    assert is_correct(extract_answer(completion), gold) is correct
+
+
+def test_bundled_data_and_bad_rows(tmp_path):
+    problems = load_problems(BUNDLED_DATA)
+    assert len(problems) == 10 and all(is_correct(p.answer, p.answer) for p in problems)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1+1"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1: .*'problem' and 'answer'"):
+        load_problems(bad)
+
+
+def test_live_report_structure(tmp_path):
+    model = build_tiny_model("deepseek_v3", tmp_path / "model")
+    out, n = tmp_path / "report.jsonl", 2
+    with LaunchedServer(model, extra_args=["--mem-fraction-static", "0.2"], log_path=tmp_path / "server.log") as server:
+        main(["--base-url", server.base_url, "--model", str(model), "--out", str(out), "--n", str(n),
+              "--max-tokens", "8", "--concurrency", "4", "--seed", "1", "--quiet"])
+    [row] = read_rows(out)
+    assert row["kind"] == "accuracy" and row["n"] == n and row["num_problems"] == 10
+    assert row["errors"] == 0 and 0.0 <= row["pass@1"] <= 1.0  # random weights: the score itself means nothing
+    for problem in row["problems"]:
+        assert len(problem["samples"]) == n  # n samples requested, and answered, per problem
+        assert all(s["finish_reason"] in ("length", "stop") and s["completion_tokens"] >= 1 for s in problem["samples"])
+        assert problem["pass@1"] == sum(s["correct"] for s in problem["samples"]) / n
+    assert (row["sglang_version"], row["device"], row["served_model_path"]) == ("0.5.23", "cpu", str(model))
+    for key in ("git_commit", "moe_kernel_path", "model_fingerprint", "mask_digest", "created", "data_sha256"):
+        assert key in row, key
+    json.dumps(row)  # one JSON line per run

@@ -1,0 +1,88 @@
+"""Throughput sweep: a smoke-sized live sweep (full vs masked) and its rows, table and plot."""
+
+import pytest
+
+from bench.sweep import Launch, ServerConfig, first_experts_mask, main, prepare_server
+from bench.serving import server_pss_bytes
+from easyep_sglang.demo_model import build_tiny_model
+from easyep_sglang.mask import MaskError
+from easyep_sglang.report import read_rows
+from easyep_sglang.spec import spec_from_model_path
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PROVENANCE = ("git_commit", "sglang_version", "device", "model", "model_fingerprint", "mask_digest", "experts",
+              "mode", "input_len", "output_len", "concurrency", "moe_kernel_path", "server_pss_bytes",
+              "memory_budget", "mem_fraction_static", "output_throughput", "created")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return build_tiny_model("deepseek_v3", tmp_path_factory.mktemp("sweep") / "deepseek_v3")
+
+
+def test_first_experts_mask_spreads_over_groups(tiny):
+    spec = spec_from_model_path(tiny)  # 16 experts in 4 groups, routing picks 2 groups, top-4
+    assert first_experts_mask(spec, 8).keep[1] == (0, 1, 4, 5, 8, 9, 12, 13)
+    assert first_experts_mask(spec, 10).keep[1] == (0, 1, 2, 4, 5, 6, 8, 9, 12, 13)
+    with pytest.raises(MaskError, match="keep more experts"):
+        first_experts_mask(spec, 4)  # one per group: two groups hold 2 < top_k experts
+
+
+def test_pruned_modes_prepare_or_skip_with_a_reason(tiny, tmp_path):
+    mask_path = tmp_path / "mask.json"
+    first_experts_mask(spec_from_model_path(tiny), 8).save(mask_path)
+    offline, reason = prepare_server(ServerConfig("prune_offline", 8, mask_path), tiny, tmp_path)
+    assert reason is None, reason
+    assert spec_from_model_path(offline.model_path).n_experts == 8
+    at_load, reason = prepare_server(ServerConfig("prune_load", 8, mask_path), tiny, tmp_path)
+    assert at_load == Launch(tiny, mask_path, ("--prune",)) or (at_load is None and "--prune" in reason)
+
+
+def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "masked", "--inputs", "16",
+          "--outputs", "8", "--concurrency", "2", "--num-prompts", "4", "--out-dir", str(out)])
+    rows = read_rows(out / "sweep.jsonl")
+    assert [(r["mode"], r["experts"]) for r in rows] == [("full", 16), ("masked", 8)]
+    for row in rows:
+        missing = [key for key in PROVENANCE if key not in row]
+        assert not missing, missing
+        assert (row["input_len"], row["output_len"], row["concurrency"], row["completed"]) == (16, 8, 2, 4)
+        assert row["sglang_version"] == "0.5.23" and row["device"] == "cpu"
+        assert row["moe_kernel_path"].startswith("cpu/torch-native select_experts")
+        assert row["server_pss_bytes"] > 100e6 and row["output_throughput"] > 0 and row["server_cpu_s"] > 0
+    assert rows[0]["mask_digest"] is None and rows[1]["mask_digest"].startswith("sha256:")
+    assert rows[1]["experts_per_layer"] == {"min": 8, "max": 8, "mean": 8}
+
+    table = (out / "sweep.md").read_text()
+    assert table == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert "| full | 16 |" in table and "(1.00x, 1.00x/CPU-s)" in table and "| masked | 8 |" in table
+    assert "16 in / 8 out" in table and "doubled" in table
+    assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pss_of_no_processes_is_zero():
+    assert server_pss_bytes([]) == 0 and server_pss_bytes([2**22 + 12345]) == 0
+
+
+def test_report_renders_every_setting_and_mode(tmp_path):
+    from bench.sweep_report import write_report
+    from easyep_sglang.report import append_row
+
+    base = {"kind": "throughput-sweep", "sweep_id": "s1", "model": "m", "sglang_version": "0.5.23", "device": "cpu",
+            "moe_kernel_path": "k", "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 0.03,
+            "memory_budget": "same-mem-fraction", "mem_fraction_static": 0.3, "server_pss_bytes": 2e9}
+    throughput = {("full", 128): 100.0, ("masked", 64): 110.0, ("prune_offline", 64): 150.0}
+    for (mode, experts), tps in throughput.items():
+        for nominal_in, nominal_out in ((1024, 1024), (4096, 1024)):
+            append_row(tmp_path / "sweep.jsonl", {**base, "mode": mode, "experts": experts, "output_throughput": tps,
+                                                  "output_tokens_per_cpu_s": tps / 2 if mode == "full" else tps,
+                                                  "nominal_input_len": nominal_in, "nominal_output_len": nominal_out,
+                                                  "input_len": round(nominal_in * 0.03), "output_len": 31,
+                                                  "max_total_num_tokens": 1000 if mode == "full" else 2000})
+    table = write_report(tmp_path / "sweep.jsonl", skipped=["prune_load (64 experts): no --prune"]).read_text()
+    assert "| 1K in / 1K out (31/31 tok) | 4K in / 1K out (123/31 tok) |" in table
+    assert "| full | 128 | 2.00 | 1000 | 100.0 (1.00x, 1.00x/CPU-s) |" in table
+    assert "| prune_offline | 64 | 2.00 | 2000 | 150.0 (1.50x, 3.00x/CPU-s) | 150.0 (1.50x, 3.00x/CPU-s) |" in table
+    assert "- prune_load (64 experts): no --prune" in table
+    assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_MAGIC)

@@ -1,0 +1,117 @@
+"""Capacity planner: exact bytes on real tiny checkpoints, published DeepSeek-R1 figures from its config."""
+
+import json
+import math
+
+import pytest
+from safetensors import safe_open
+
+from easyep_sglang.demo_model import build_tiny_model
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.plan import capacity, classify, footprint, main, parse_bytes
+from easyep_sglang.plan_shapes import checkpoint_weights, estimate_weights
+from easyep_sglang.spec import spec_from_config, spec_from_model_path
+
+# DeepSeek-R1's published config.json (the values that fix the weight shapes).
+R1_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
+    "hidden_size": 7168, "num_hidden_layers": 61, "first_k_dense_replace": 3, "moe_layer_freq": 1,
+    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
+    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_intermediate_size": 2048, "intermediate_size": 18432,
+    "vocab_size": 129280, "q_lora_rank": 1536, "kv_lora_rank": 512, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
+# The published DeepSeek-V3/R1 safetensors headers hold 91,991 tensors totalling 688,574,839,360 bytes
+# (as listed by the model-inspect tool from the Hugging Face headers; V3 and R1 share every shape).
+R1_HEADER_TENSORS, R1_HEADER_BYTES = 91_991, 688_574_839_360
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module", params=["deepseek_v3", "qwen3_moe"])
+def tiny(request, tmp_path_factory):
+    return build_tiny_model(request.param, tmp_path_factory.mktemp("plan") / request.param)
+
+
+def real_tensor_bytes(model_dir):
+    with safe_open(model_dir / "model.safetensors", framework="pt") as f:
+        return {name: f.get_tensor(name).numel() * f.get_tensor(name).element_size() for name in f.keys()}
+
+
+def test_header_bytes_equal_the_real_tensor_bytes(tiny):
+    real = real_tensor_bytes(tiny)
+    assert {w.name: w.nbytes for w in checkpoint_weights(tiny)} == real
+    spec = spec_from_model_path(tiny)
+    fp = footprint(checkpoint_weights(tiny), spec, keep={})
+    assert sum(fp.nbytes.values()) == sum(real.values())
+    assert fp.nbytes["routed_experts"] == sum(n for k, n in real.items() if ".mlp.experts." in k)
+    assert fp.nbytes["router"] == sum(n for k, n in real.items() if ".mlp.gate." in k)
+
+
+def test_config_estimate_equals_the_headers(tiny):
+    config = json.loads((tiny / "config.json").read_text())
+    estimated = {w.name: (w.nbytes, w.numel) for w in estimate_weights(config)}
+    assert estimated == {w.name: (w.nbytes, w.numel) for w in checkpoint_weights(tiny)}
+
+
+def test_pruned_bytes_are_exactly_the_kept_tensors(tiny):
+    spec = spec_from_model_path(tiny)
+    kept = tuple(range(0, spec.n_experts, 2))
+    mask = ExpertMask.for_spec(spec, {layer: kept for layer in spec.moe_layers}, method="test")
+    fp = footprint(checkpoint_weights(tiny), spec, mask.resolve(spec))
+    real = real_tensor_bytes(tiny)
+    expert_bytes = sum(n for k, n in real.items() if ".mlp.experts." in k and int(k.split(".")[5]) in kept)
+    assert fp.nbytes["routed_experts"] == expert_bytes
+    assert fp.nbytes["router"] * 2 == sum(n for k, n in real.items() if ".mlp.gate." in k)
+    assert fp.nbytes["dense"] == sum(n for k, n in real.items() if ".mlp.experts." not in k and ".mlp.gate." not in k)
+
+
+def test_deepseek_r1_from_its_config():
+    weights = estimate_weights(R1_CONFIG)
+    assert (len(weights), sum(w.nbytes for w in weights)) == (R1_HEADER_TENSORS, R1_HEADER_BYTES)
+    assert abs(sum(w.nbytes for w in weights) / 700e9 - 1) < 0.03  # "~700 GB in FP8": within 3%
+    spec = spec_from_config(R1_CONFIG)
+    fp = footprint(weights, spec, keep={})
+    assert fp.served_params == pytest.approx(671e9, rel=0.005)  # the published 671B (main model)
+    assert fp.served_params + fp.params["mtp"] == pytest.approx(685e9, rel=0.005)  # 685B with the MTP layer
+    assert classify("model.layers.61.mlp.experts.3.up_proj.weight", spec) == ("mtp", 61, 3)
+    assert classify("model.layers.3.mlp.gate.e_score_correction_bias", spec) == ("router", 3, None)
+
+
+def test_deepseek_r1_fits_one_node_only_when_pruned():
+    spec = spec_from_config(R1_CONFIG)
+    weights = estimate_weights(R1_CONFIG)
+    fits = {}
+    for keep in (256, 128, 64):
+        fp = footprint(weights, spec, {l: tuple(range(keep)) for l in spec.moe_layers} if keep < 256 else {})
+        fits[keep] = capacity(fp, R1_CONFIG, spec, 8, 80 * GIB, 0.9, 2, 32768).fits
+        if keep == 128:  # MLA: 61 layers x (512 + 64) x 2 bytes per token on each GPU
+            left = 80 * GIB * 0.9 - math.ceil(fp.served_bytes / 8)
+            assert capacity(fp, R1_CONFIG, spec, 8, 80 * GIB, 0.9, 2, 0).kv_tokens == int(left // (61 * 576 * 2))
+    assert fits == {256: False, 128: True, 64: True}
+    assert capacity(footprint(weights, spec, {}), R1_CONFIG, spec, 8, 141 * 10**9, 0.9, 2, 32768).fits  # 8xH200
+
+
+def test_cli_prints_the_table(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(R1_CONFIG))
+    main(["--config", str(config), "--keep", "256", "128", "64", "--gpus", "8", "--gpu-mem", "80GiB"])
+    out = capsys.readouterr().out
+    print(out)
+    rows = [line for line in out.splitlines() if line.startswith(("| 256 ", "| 128 ", "| 64 "))]
+    assert [r.split("|")[8].strip() for r in rows] == ["no", "yes", "yes"]
+    assert [r.split("|")[10].strip() for r in rows] == ["16", "8", "4"]
+    assert "MTP/next-n" in out
+
+
+def test_errors_name_the_fix(tmp_path, capsys):
+    assert parse_bytes("80GiB") == 80 * GIB and parse_bytes("141GB") == 141 * 10**9
+    with pytest.raises(ValueError, match="80GiB"):
+        parse_bytes("eighty")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(R1_CONFIG))
+    with pytest.raises(SystemExit):
+        main(["--config", str(config), "--keep", "4"])
+    assert "keep between top_k=8 and 256" in capsys.readouterr().err

@@ -1,0 +1,40 @@
+"""launch/ recipes: every script parses and goes through our launcher; the CPU demo really serves."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+GPU_SCRIPTS = ("deepseek_r1_8xh200.sh", "deepseek_r1_8xh100.sh", "qwen3_30b_a3b_1gpu.sh")
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS + ("cpu_demo.sh",))
+def test_script_parses_and_uses_our_launcher(script):
+    path = LAUNCH / script
+    assert os.access(path, os.X_OK), f"chmod +x {path}"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    assert "-m easyep_sglang.launch" in text and "sglang.launch_server" not in text
+    assert ("NOT RUN HERE" in text) == (script in GPU_SCRIPTS)
+    assert script in (LAUNCH / "README.md").read_text()
+
+
+@pytest.mark.parametrize("script", GPU_SCRIPTS)
+def test_gpu_script_refuses_to_start_without_a_model(script):
+    proc = subprocess.run(["bash", str(LAUNCH / script)], capture_output=True, text=True,
+                          env={"PATH": os.environ["PATH"]})
+    assert proc.returncode != 0 and "set MODEL" in proc.stderr
+
+
+def test_cpu_demo_serves_and_stops(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(LAUNCH / "cpu_demo.sh"), str(tmp_path)], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "16/32 experts kept" in proc.stdout and "easyep demo: reply:" in proc.stdout
+    model = str(tmp_path / "tiny-deepseek-v3")
+    leftovers = subprocess.run(["pgrep", "-f", f"--model-path {model}"], capture_output=True, text=True).stdout
+    assert not leftovers.strip(), f"server processes left running: {leftovers}"
