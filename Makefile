@@ -18,4 +18,4 @@ serve: install
 	$(PY) -m easyep_sglang.demo --port $(PORT)
 
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
