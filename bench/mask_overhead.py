@@ -2,7 +2,9 @@
 
     python -m bench.mask_overhead [--model-path DIR] [--rounds 5] [--num-prompts 16] [--concurrency 8]
 
-Both servers run at once (each with --sleep-on-idle, so the idle one leaves the CPU to the busy one).
+Both servers run at once (each with --sleep-on-idle, so the idle one leaves the CPU to the busy one,
+and one OpenMP thread by default: on a shared 2-core host, threads spinning at barriers for a preempted
+peer swing throughput tenfold from run to run).
 After a warm-up run on each, the rounds interleave: A B, B A, A B, ... (A = unmasked, B = masked; the
 order alternates so a slow drift of the host's load hits both sides alike). The figure is the median
 over rounds of masked/unmasked output throughput; the goal is >= 0.99. Beside it, the same ratio of
@@ -21,7 +23,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench.serving import BenchConfig, bench_server, sigterm_unwinds
+from bench.serving import BenchConfig, bench_server, omp_env, sigterm_unwinds
 from bench.sweep import first_experts_mask
 from easyep_sglang.report import append_row, provenance
 from easyep_sglang.server_process import LaunchedServer
@@ -53,7 +55,7 @@ def run(args) -> dict:
         for name, mask_arg in (("unmasked", None), ("masked", mask_path)):
             servers[name] = stack.enter_context(LaunchedServer(
                 model_path, mask=mask_arg, extra_args=flags, log_path=work / f"mask_overhead-{name}.log",
-                startup_timeout=args.startup_timeout))
+                env=omp_env(args.omp_threads), startup_timeout=args.startup_timeout))
         bench = BenchConfig(args.input_len, args.output_len, args.num_prompts, args.concurrency)
         for server in servers.values():  # warm-up, discarded
             bench_server(server, model_path, BenchConfig(args.input_len, args.output_len, 4, 4))
@@ -67,6 +69,7 @@ def run(args) -> dict:
         row = {
             "kind": "mask-overhead", "rounds": rounds, "input_len": bench.input_len, "output_len": bench.output_len,
             "num_prompts": bench.num_prompts, "concurrency": bench.concurrency, "server_args": flags, "goal": GOAL,
+            "omp_threads": args.omp_threads,
             "output_throughput_ratio": median_ratio(rounds, "output_throughput"),
             "cpu_normalised_ratio": median_ratio(rounds, "output_tokens_per_cpu_s"),
             **provenance(servers["masked"].base_url, mask_path=mask_path, model_path=model_path),
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=16, help="requests per run")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight")
     parser.add_argument("--mem-fraction-static", type=float, default=0.2, help="for both servers")
+    parser.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS of each server (default: 1; "
+                        "0 = torch's default)")
     parser.add_argument("--server-args", default="", help="more launcher/SGLang flags for both servers, quoted")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for each server")
     parser.add_argument("--out", default="runs/mask_overhead.jsonl", help="report row appended here")

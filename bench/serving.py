@@ -1,4 +1,4 @@
-"""Drive SGLang's own load generator against a running server, offline, and measure server memory.
+"""Drive SGLang's own load generator against a running server, offline; measure the server's memory and CPU.
 
     python -m bench.serving --base-url http://127.0.0.1:30000 --model DIR [--input-len 64 --output-len 32 ...]
 
@@ -77,10 +77,11 @@ def summarize(result: dict) -> dict:
 
 
 def bench_server(server, model_path: str | Path, config: BenchConfig = BenchConfig()) -> dict:
-    """One bench_serving run against a LaunchedServer: SGLang's key results plus the server's CPU time.
+    """One bench_serving run against a LaunchedServer: SGLang's key results, the server's PSS and CPU time.
 
-    Output tokens per server CPU-second barely moves when other work shares the host, unlike tokens per
-    wall-clock second, so it is the fairer A/B figure on a busy CPU machine."""
+    Output tokens per server CPU-second (CPU time includes bench_serving's one warm-up request) moves
+    less than tokens per wall-clock second when other work shares the host, provided the server runs one
+    OpenMP thread: with more, threads spinning at barriers for a preempted peer inflate it."""
     before = cpu_seconds(server.pids())
     result = summarize(run_bench_serving(server.base_url, model_path, config))
     used = cpu_seconds(server.pids()) - before
@@ -117,6 +118,11 @@ def server_pss_bytes(pids: list[int]) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return total
+
+
+def omp_env(threads: int | None) -> dict[str, str]:
+    """Server environment pinning torch's CPU intra-op threads (OMP_NUM_THREADS); {} keeps torch's default."""
+    return {"OMP_NUM_THREADS": str(threads)} if threads else {}
 
 
 @contextmanager

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.serving import BenchConfig, bench_server, sigterm_unwinds
+from bench.serving import BenchConfig, bench_server, omp_env, sigterm_unwinds
 from bench.sweep_report import write_report
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.report import append_row, provenance
@@ -169,7 +169,7 @@ def run_config(args, server_args: list[str], config: ServerConfig, launch: Launc
     log = Path(args.out_dir) / "logs" / f"{sweep_id}-{config.mode}-{config.experts:g}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     server = LaunchedServer(launch.model_path, mask=launch.mask, extra_args=[*launch.extra_args, *server_args],
-                            log_path=log, startup_timeout=args.startup_timeout)
+                            log_path=log, env=omp_env(args.omp_threads), startup_timeout=args.startup_timeout)
     try:
         server.start()
     except (RuntimeError, TimeoutError) as err:
@@ -189,7 +189,7 @@ def run_config(args, server_args: list[str], config: ServerConfig, launch: Launc
                 "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
                 "num_prompts": bench.num_prompts,
                 "memory_budget": "same-mem-fraction" if args.same_memory_budget else "fixed-kv-tokens",
-                "server_args": server_args,
+                "server_args": server_args, "omp_threads": args.omp_threads,
                 **provenance(server.base_url, mask_path=config.mask_path, model_path=model_path),
                 **result,
             })
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model frees becomes KV cache (default: the launcher's fixed KV token cap on a CPU)")
     parser.add_argument("--mem-fraction-static", type=float, help="passed to every server (default: per bench model)")
     parser.add_argument("--max-total-tokens", type=int, help="fixed KV cache tokens for every server")
+    parser.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS of every server (default: torch's); "
+                        "1 steadies CPU numbers on a shared host")
     parser.add_argument("--server-args", default="", help="more launcher/SGLang flags for every server, quoted")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for each server")
     parser.add_argument("--out-dir", default="runs/sweep", help="sweep.jsonl (appended), sweep.md, sweep.png, logs")

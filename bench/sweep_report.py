@@ -60,9 +60,10 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
         f"SGLang {first['sglang_version']}; device {first['device']} ({first['moe_kernel_path']}); "
         f"git {first['git_commit']}.",
         f"Concurrency {first['concurrency']}, {first['num_prompts']} prompts per run, lengths x{first['scale']:g}; "
-        f"memory budget {first['memory_budget']} (mem_fraction_static {first['mem_fraction_static']}).",
-        "Cells: output tokens/s (speedup over the full model; the same per server CPU-second, which other work "
-        "on the host barely moves). PSS: all server processes, max over runs.",
+        f"memory budget {first['memory_budget']} (mem_fraction_static {first['mem_fraction_static']}); "
+        f"OMP threads {first.get('omp_threads') or 'default'}; host load {first.get('host_load_1m')} at the first run.",
+        "Cells: output tokens/s (speedup over the full model; the same per server CPU-second, less sensitive "
+        "to other work on the host). PSS: all server processes, max over runs.",
         "",
         "| mode | experts | PSS (GB) | KV tokens | " + " | ".join(settings) + " |",
         "|---|---|---|---|" + "---|" * len(settings),

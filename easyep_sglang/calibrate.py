@@ -30,10 +30,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from easyep_sglang.server_process import LaunchedServer
+from easyep_sglang.sglang_plugin.stats_recorder import DUMP_GLOB
 from easyep_sglang.spec import spec_from_model_path
 from easyep_sglang.stats import ExpertStats
 
-DUMP_GLOB = "easyep_stats_*.safetensors"
 GENERATE_BATCH = 8  # prompts per /generate call while answering
 
 
@@ -199,20 +199,23 @@ def connect(args: argparse.Namespace, sglang_args: list[str]):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m easyep_sglang.calibrate", description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+        prog="python -m easyep_sglang.calibrate",
+        description="EASY-EP calibration statistics of one domain, computed inside SGLang.",
+        epilog="example: python -m easyep_sglang.calibrate --model-path M --prompts math.jsonl --domain math "
+        "--out stats/math.safetensors\n\n" + __doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", required=True, metavar="DIR", help="local Hugging Face model directory")
     parser.add_argument("--prompts", required=True, metavar="FILE",
                         help="JSONL with 'text'/'prompt' or chat 'messages' (and 'response'), or text, one prompt per line")
     parser.add_argument("--domain", required=True, help="domain name recorded in the provenance, e.g. math")
     parser.add_argument("--out", required=True, metavar="FILE", help="statistics file to write (.safetensors)")
-    parser.add_argument("--num-samples", type=int, default=25, help="keep the N longest samples (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="answer length cap (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.6, help="answer sampling (default: %(default)s)")
-    parser.add_argument("--top-p", type=float, default=0.95, help="answer sampling (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed of the first prompt (default: %(default)s)")
+    parser.add_argument("--num-samples", type=int, default=25, metavar="N", help="keep the N longest samples (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=512, metavar="N", help="answer length cap (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.6, metavar="T", help="answer sampling (default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=0.95, metavar="P", help="answer sampling (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed of the first prompt (default: %(default)s)")
     parser.add_argument("--use-responses", action="store_true", help="take the answers from the 'response' fields")
-    parser.add_argument("--base-url", help="a running server started with python -m easyep_sglang.launch --record-stats DIR")
+    parser.add_argument("--base-url", metavar="URL", help="a running server started with python -m easyep_sglang.launch --record-stats DIR")
     parser.add_argument("--stats-dir", metavar="DIR", help="with --base-url: the server's --record-stats DIR")
     return parser
 

@@ -35,6 +35,9 @@ def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable
     finally:
         _post(base_url, "/stop_expert_distribution_record")
     _post(base_url, "/dump_expert_distribution_record")
-    (dump,) = set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before
-    data = torch.load(dump, map_location="cpu", weights_only=True)
-    return data["logical_count"].sum(dim=0)  # [steps, L, E] -> [L, E]
+    dumps = sorted(set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before)
+    assert dumps, f"the server wrote no dump into {dump_dir}"
+    # [steps, L, E] -> [L, E]; under TP every worker writes the same all-reduced counts
+    counts = [torch.load(d, map_location="cpu", weights_only=True)["logical_count"].sum(dim=0) for d in dumps]
+    assert all(torch.equal(c, counts[0]) for c in counts), "TP workers dumped different counts"
+    return counts[0]

@@ -60,6 +60,7 @@ EXPERT_DISTRIBUTION_HANDLE = "sglang.srt.managers.scheduler.Scheduler.expert_dis
 BLOCK_ATTR = "easyep_stats_block"  # _Block, on each recorded MoE block of the target model
 CALL_ATTR = "easyep_stats_call"  # _Call, on the block's TopK while the block runs a recorded forward
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+DUMP_GLOB = "easyep_stats_*.safetensors"  # * = unix time in ns
 
 
 class _Block(NamedTuple):
@@ -90,7 +91,7 @@ class _Recorder:
         elif action == "STOP_RECORD":
             self.recording = False
         elif action == "DUMP_RECORD" and self.accumulate:
-            path = Path(os.environ[ENV_STATS_DIR]) / f"easyep_stats_{time.time_ns()}.safetensors"
+            path = Path(os.environ[ENV_STATS_DIR]) / DUMP_GLOB.replace("*", str(time.time_ns()))
             try:
                 self.stats.save(path, self.provenance)  # atomic: written beside, then renamed
             except OSError as err:  # the server keeps serving; the driver reports the missing file
