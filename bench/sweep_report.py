@@ -94,20 +94,23 @@ def plot_png(rows: list[dict]) -> bytes:
     import matplotlib.pyplot as plt
 
     settings, configs, grid = speedup_grid(rows)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"masked": "-", "prune_load": "--", "prune_offline": ":"}
-    for label in settings:
+    fig, ax = plt.subplots(figsize=(10, 5))
+    styles = {"masked": ("-", "o"), "prune_load": ("--", "s"), "prune_offline": (":", "^")}  # line, marker
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # one colour per (input, output) setting
+    for k, label in enumerate(settings):
         for mode in [m for m in styles if any(c[0] == m for c in configs)]:
             points = sorted((e, grid[(m, e, label)][1]) for m, e in configs
                             if m in (mode, "full") and (m, e, label) in grid and grid[(m, e, label)][1])
+            line, marker = styles[mode]
             if points:
-                ax.plot(*zip(*points), styles[mode], marker="o", label=f"{label}, {mode}")
+                ax.plot(*zip(*points), line, marker=marker, color=colors[k % len(colors)], label=f"{label}, {mode}")
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set_xlabel("routed experts kept per MoE layer")
     ax.set_ylabel("output throughput / full model")
     ax.set_title(f"Speedup over the full model, concurrency {rows[0]['concurrency']} ({rows[0]['device']})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.text(0.01, 0.01, "Raw single-server numbers; the paper doubled one-node configurations.", fontsize=7)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)

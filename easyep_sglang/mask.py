@@ -37,13 +37,8 @@ class ExpertMask:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def for_spec(cls, spec: MoESpec, keep: dict[int, list[int]], method: str, provenance: dict | None = None):
-        model = {
-            "architecture": spec.architecture,
-            "num_layers": spec.num_layers,
-            "n_experts": spec.n_experts,
-            "fingerprint": spec.fingerprint,
-        }
-        return cls({int(l): tuple(sorted(int(e) for e in ids)) for l, ids in keep.items()}, model, method, provenance or {})
+        keep = {int(l): tuple(sorted(int(e) for e in ids)) for l, ids in keep.items()}
+        return cls(keep, spec.identity(), method, provenance or {})
 
     @classmethod
     def from_dict(cls, data: object, source: str = "mask") -> ExpertMask:

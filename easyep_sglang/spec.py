@@ -35,6 +35,11 @@ class MoESpec:
     def prunable_layers(self) -> tuple[int, ...]:
         return self.moe_layers + self.mtp_layers
 
+    def identity(self) -> dict:
+        """The model an artifact (mask, statistics) was made for; readers compare it with theirs."""
+        return {"architecture": self.architecture, "num_layers": self.num_layers,
+                "n_experts": self.n_experts, "fingerprint": self.fingerprint}
+
     def group_of(self, expert_id: int) -> int:
         return expert_id // self.group_size
 

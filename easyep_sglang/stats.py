@@ -125,12 +125,12 @@ class ExpertStats:
         return ExpertStats(self.layer_ids, sums, self.tokens + other.tokens.to(self.tokens.device))
 
     def save(self, path: str | Path, provenance: dict) -> None:
-        """Write atomically. `provenance` must hold model=model_identity(spec); it should also hold
+        """Write atomically. `provenance` must hold model=spec.identity(); it should also hold
         domain, samples, settings and sglang_version. created, package_version and token_count are
         filled in unless given."""
         model = provenance.get("model")
         if not isinstance(model, dict) or not model.get("fingerprint"):
-            raise ValueError("stats provenance must name the model: pass provenance={'model': model_identity(spec), ...}")
+            raise ValueError("stats provenance must name the model: pass provenance={'model': spec.identity(), ...}")
         full = {
             "created": utc_now(),
             "package_version": package_version(),
@@ -167,16 +167,6 @@ class ExpertStats:
         sums = torch.stack([tensors[name].to(torch.float64) for name in STATISTICS])  # [S, L, E]
         stats = cls(tuple(tensors["layer_ids"].tolist()), sums, tensors["tokens"].to(torch.int64))
         return stats, json.loads(header["provenance"])
-
-
-def model_identity(spec: MoESpec) -> dict:
-    """The model an artifact belongs to; readers compare the fingerprint."""
-    return {
-        "architecture": spec.architecture,
-        "num_layers": spec.num_layers,
-        "n_experts": spec.n_experts,
-        "fingerprint": spec.fingerprint,
-    }
 
 
 def package_version() -> str:

@@ -12,7 +12,7 @@ from easyep_sglang.score import (
 )
 from easyep_sglang.select import main
 from easyep_sglang.spec import spec_from_config
-from easyep_sglang.stats import ExpertStats, model_identity
+from easyep_sglang.stats import ExpertStats
 
 SHAPE = {"hidden_size": 16, "vocab_size": 32, "intermediate_size": 32, "moe_intermediate_size": 8}
 
@@ -183,7 +183,7 @@ def test_stats_merge_save_load_round_trip(tmp_path):
     merged = hand_stats().merge(hand_stats())
     assert merged.easy_ep.tolist()[1] == [1.0, 3.0, 12.0, 0] and merged.tokens.tolist() == [0, 4]
     path = tmp_path / "math.safetensors"
-    merged.save(path, {"model": model_identity(spec), "domain": "math", "samples": 25, "sglang_version": "0.5.23"})
+    merged.save(path, {"model": spec.identity(), "domain": "math", "samples": 25, "sglang_version": "0.5.23"})
     loaded, provenance = ExpertStats.load(path)
     assert loaded.layer_ids == (5, 7) and torch.equal(loaded.sums, merged.sums)
     assert torch.equal(loaded.tokens, merged.tokens)
@@ -217,7 +217,7 @@ def write_stats(path, config, statistic, rows, stats_config=None):
     spec = spec_from_config(config)
     stats = ExpertStats.zeros(spec)
     getattr(stats, statistic).copy_(torch.tensor(rows, dtype=torch.float64))
-    stats.save(path, {"model": model_identity(spec_from_config(stats_config or config)), "domain": path.stem})
+    stats.save(path, {"model": spec_from_config(stats_config or config).identity(), "domain": path.stem})
     return str(path)
 
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from easyep_sglang.sglang_plugin.server_env import ENV_STATS_DIR
 from easyep_sglang.spec import spec_from_model_path
-from easyep_sglang.stats import ExpertStats, model_identity
+from easyep_sglang.stats import ExpertStats
 
 logger = logging.getLogger("easyep")
 
@@ -140,7 +140,7 @@ def _after_load_model(_result, runner, *args, **kwargs) -> None:
     import sglang
 
     provenance = {
-        "model": model_identity(spec),
+        "model": spec.identity(),
         "model_path": str(runner.model_config.model_path),
         "sglang_version": sglang.__version__,
         "dtype": str(experts.w13_weight.dtype).removeprefix("torch."),
