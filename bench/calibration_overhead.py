@@ -4,7 +4,9 @@
         [--tokens 512] [--rounds 2] [--repeats 3] [SGLang args...]
 
 "off" is the plain server started by our launcher; "on" is the same server with --record-stats,
-recording. Both run the calibration driver's loop (flush the prefix cache, prefill one sample with
+recording. Both run with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, as --record-stats sets it:
+with /health generating (SGLang's default) each /flush_cache takes ~0.5 s here, which would swamp
+a 30 ms prefill. Both run the calibration driver's loop (flush the prefix cache, prefill one sample with
 max_new_tokens=1) over the same random token ids, after one untimed warm-up sample, --repeats
 times per server. Servers are started one at a time, alternating off/on for --rounds rounds, so
 load from other work on the machine hits both modes. In the "on" server every recording pass is
@@ -56,7 +58,8 @@ def run_round(model: Path, record: bool, samples: list[Sample], warmup: Sample, 
     extra = ["--record-stats", str(stats_dir), *sglang_args] if record else list(sglang_args)
     tokens = sum(len(s.token_ids) for s in samples)
     result = {"on": [], "idle": []} if record else {"off": []}
-    with LaunchedServer(model, extra_args=extra, log_path=workdir / f"server-{'on' if record else 'off'}.log") as server:
+    log = workdir / f"server-{'on' if record else 'off'}.log"
+    with LaunchedServer(model, extra_args=extra, env={"SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION": "0"}, log_path=log) as server:
         client = ServerClient(server.base_url)
         prefill_seconds(client, [warmup])
         for _ in range(repeats):

@@ -47,7 +47,9 @@ def test_bundled_data_and_bad_rows(tmp_path):
 def test_live_report_structure(tmp_path):
     model = build_tiny_model("deepseek_v3", tmp_path / "model")
     out, n = tmp_path / "report.jsonl", 2
-    with LaunchedServer(model, extra_args=["--mem-fraction-static", "0.2"], log_path=tmp_path / "server.log") as server:
+    # One OpenMP thread: with two, threads spinning at barriers stall each other on a busy 2-core host.
+    with LaunchedServer(model, extra_args=["--mem-fraction-static", "0.2"], env={"OMP_NUM_THREADS": "1"},
+                        log_path=tmp_path / "server.log") as server:
         main(["--base-url", server.base_url, "--model", str(model), "--out", str(out), "--n", str(n),
               "--max-tokens", "8", "--concurrency", "4", "--seed", "1", "--quiet"])
     [row] = read_rows(out)

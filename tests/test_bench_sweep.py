@@ -41,7 +41,7 @@ def test_pruned_modes_prepare_or_skip_with_a_reason(tiny, tmp_path):
 def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
     out = tmp_path / "sweep"
     main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "masked", "--inputs", "16",
-          "--outputs", "8", "--concurrency", "2", "--num-prompts", "4", "--out-dir", str(out)])
+          "--outputs", "8", "--concurrency", "2", "--num-prompts", "4", "--omp-threads", "1", "--out-dir", str(out)])
     rows = read_rows(out / "sweep.jsonl")
     assert [(r["mode"], r["experts"]) for r in rows] == [("full", 16), ("masked", 8)]
     for row in rows:
