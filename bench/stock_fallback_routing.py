@@ -51,7 +51,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from easyep_sglang.mask import ExpertMask, MaskError, check_group_reachability  # noqa: E402
-from easyep_sglang.prune import prune_checkpoint, stock_routing  # noqa: E402
+from easyep_sglang.prune import prune_checkpoint  # noqa: E402
+from easyep_sglang.pruned_checkpoint import stock_routing  # noqa: E402
 from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec, spec_from_model_path  # noqa: E402
 
 MASKED_BIAS = -1e4  # what the easyep plugin gives pruned experts' e_score_correction_bias

@@ -11,6 +11,11 @@ bench_serving run and one JSONL row with provenance; then a markdown table and a
 Modes: full (no mask); masked (launcher --mask: experts loaded, never routed to); prune_load (launcher
 --prune: drop masked experts at load time); prune_offline (python -m easyep_sglang.prune, then serve the
 pruned checkpoint). A pruned mode the launcher or pruner does not support is skipped with the reason.
+
+--rounds N serves the whole list of configurations N times in turn (full, masked, ..., full, masked, ...),
+so slow drift in the host's load hits every mode alike; the report takes each run's ratio to the full
+model of the same round and setting, then the median over rounds. Each row records the served weight
+bytes (from the safetensors headers), so the memory ratio can be read against the ideal weight ratio.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from pathlib import Path
 from bench.serving import BenchConfig, bench_server, omp_env, sigterm_unwinds
 from bench.sweep_report import write_report
 from easyep_sglang.mask import ExpertMask, MaskError
+from easyep_sglang.plan import footprint
+from easyep_sglang.plan_shapes import checkpoint_weights
 from easyep_sglang.report import append_row, provenance
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.sglang_plugin.server_env import gpu_available
@@ -67,6 +74,7 @@ class ServerConfig:
     mode: str
     experts: float  # routed experts kept per MoE layer (mean over layers)
     mask_path: Path | None
+    weight_bytes: int  # served by this configuration: the full checkpoint unless pruned
 
 
 def first_experts_mask(spec: MoESpec, keep: int) -> ExpertMask:
@@ -94,7 +102,7 @@ def build_bench_model(name: str, out_dir: Path) -> Path:
     return path
 
 
-def plan_configs(args, spec: MoESpec, out_dir: Path) -> list[ServerConfig]:
+def plan_configs(args, spec: MoESpec, model_path: Path, out_dir: Path) -> list[ServerConfig]:
     masks = [ExpertMask.load(p) for p in args.mask_file]
     paths = list(args.mask_file)
     for keep in args.experts or ([] if masks else default_expert_counts(spec)):
@@ -103,11 +111,15 @@ def plan_configs(args, spec: MoESpec, out_dir: Path) -> list[ServerConfig]:
         mask.save(path)
         masks.append(mask)
         paths.append(path)
-    configs = [ServerConfig("full", spec.n_experts, None)] if "full" in args.modes else []
+    weights = checkpoint_weights(model_path)
+    full_bytes = footprint(weights, spec, {}).served_bytes
+    configs = [ServerConfig("full", spec.n_experts, None, full_bytes)] if "full" in args.modes else []
     for mask, path in zip(masks, paths):
         resolved = mask.resolve(spec)  # every mask is checked before the first server starts
         experts = sum(len(resolved.get(l, range(spec.n_experts))) for l in spec.moe_layers) / len(spec.moe_layers)
-        configs += [ServerConfig(mode, experts, Path(path)) for mode in args.modes if mode != "full"]
+        pruned_bytes = footprint(weights, spec, resolved).served_bytes
+        configs += [ServerConfig(mode, experts, Path(path), full_bytes if mode == "masked" else pruned_bytes)
+                    for mode in args.modes if mode != "full"]
     return configs
 
 
@@ -149,24 +161,30 @@ def run_sweep(args) -> Path:
     out_dir = Path(args.out_dir)
     model_path = Path(args.model_path) if args.model_path else build_bench_model(args.bench_model, out_dir)
     spec = spec_from_model_path(model_path)
-    configs = plan_configs(args, spec, out_dir)
+    configs = plan_configs(args, spec, model_path, out_dir)
     sweep_id, server_args = time.strftime("%Y%m%dT%H%M%S"), server_flags(args)
     settings = [(i, o, scaled(i, args.scale), scaled(o, args.scale)) for i in args.inputs for o in args.outputs]
-    rows_path, skipped = out_dir / "sweep.jsonl", []
+    rows_path, skipped, launches = out_dir / "sweep.jsonl", [], {}
     for config in configs:
-        launch, reason = prepare_server(config, model_path, out_dir)
-        if launch:
-            reason = run_config(args, server_args, config, launch, model_path, settings, sweep_id, rows_path)
+        launches[config], reason = prepare_server(config, model_path, out_dir)
         if reason:
             print(f"easyep: skipping {config.mode} with {config.experts:g} experts: {reason}", file=sys.stderr)
             skipped.append(f"{config.mode} ({config.experts:g} experts): {reason}")
+    for round_index in range(args.rounds):
+        for config, launch in launches.items():
+            if launch is None:
+                continue
+            reason = run_config(args, server_args, config, launch, model_path, settings, sweep_id, round_index, rows_path)
+            if reason:
+                print(f"easyep: skipping {config.mode} with {config.experts:g} experts: {reason}", file=sys.stderr)
+                skipped.append(f"{config.mode} ({config.experts:g} experts, round {round_index}): {reason}")
     return write_report(rows_path, sweep_id, skipped)
 
 
 def run_config(args, server_args: list[str], config: ServerConfig, launch: Launch, model_path: Path, settings,
-               sweep_id: str, rows_path: Path) -> str | None:
+               sweep_id: str, round_index: int, rows_path: Path) -> str | None:
     """Serve one configuration and append a row per (input, output) setting; the reason if it cannot start."""
-    log = Path(args.out_dir) / "logs" / f"{sweep_id}-{config.mode}-{config.experts:g}.log"
+    log = Path(args.out_dir) / "logs" / f"{sweep_id}-r{round_index}-{config.mode}-{config.experts:g}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     server = LaunchedServer(launch.model_path, mask=launch.mask, extra_args=[*launch.extra_args, *server_args],
                             log_path=log, env=omp_env(args.omp_threads), startup_timeout=args.startup_timeout)
@@ -184,7 +202,8 @@ def run_config(args, server_args: list[str], config: ServerConfig, launch: Launc
                   file=sys.stderr, flush=True)
             result = bench_server(server, launch.model_path, bench)
             append_row(rows_path, {
-                "kind": "throughput-sweep", "sweep_id": sweep_id, "mode": config.mode, "experts": config.experts,
+                "kind": "throughput-sweep", "sweep_id": sweep_id, "round": round_index, "mode": config.mode,
+                "experts": config.experts, "weight_bytes": config.weight_bytes,
                 "nominal_input_len": nominal_in, "nominal_output_len": nominal_out, "scale": args.scale,
                 "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
                 "num_prompts": bench.num_prompts,
@@ -232,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inputs", type=int, nargs="+", default=[1024, 4096], help="nominal input lengths (default: 1024 4096)")
     parser.add_argument("--outputs", type=int, nargs="+", default=[1024, 4096], help="nominal output lengths (default: 1024 4096)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every length (default: 1; e.g. 0.03 on a CPU)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="serve every configuration this many times, in turn; ratios are medians (default: 1)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (paper: 32)")
     parser.add_argument("--num-prompts", type=int, default=0, help="requests per run (default: 2 x concurrency)")
     parser.add_argument("--same-memory-budget", action="store_true",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import statistics
 from pathlib import Path
 
 from easyep_sglang.fileio import atomic_write_bytes, atomic_write_text
@@ -37,22 +38,62 @@ def sweep_rows(rows: list[dict], sweep_id: str | None) -> list[dict]:
 
 
 def speedup_grid(rows: list[dict], key: str = "output_throughput") -> tuple[list[str], list[tuple], dict]:
-    """(setting labels, (mode, experts) configs, {(mode, experts, label): (row, `key` / full's, or None)})."""
+    """(setting labels, (mode, experts) configs, {(mode, experts, label): (runs, median `key`, median ratio)}).
+
+    The ratio of a run is to the full model's run of the same round and setting (rows without a round
+    are round 0), so with --rounds the drift of a shared host cancels pairwise; None without a full run."""
     settings = list(dict.fromkeys(_setting_label(r) for r in rows))
     configs = list(dict.fromkeys((r["mode"], r["experts"]) for r in rows))
-    full = {_setting_label(r): r.get(key) for r in rows if r["mode"] == "full"}
-    grid = {}
+    full = {(r.get("round", 0), _setting_label(r)): r.get(key) for r in rows if r["mode"] == "full"}
+    runs: dict[tuple, list[dict]] = {}
     for r in rows:
-        label = _setting_label(r)
-        base = full.get(label)
-        grid[(r["mode"], r["experts"], label)] = (r, r[key] / base if base and r.get(key) else None)
+        runs.setdefault((r["mode"], r["experts"], _setting_label(r)), []).append(r)
+    grid = {}
+    for cell, cell_runs in runs.items():
+        ratios = [r[key] / base for r in cell_runs
+                  if r.get(key) and (base := full.get((r.get("round", 0), cell[2])))]
+        grid[cell] = (cell_runs, median([r[key] for r in cell_runs if r.get(key)]), median(ratios))
     return settings, configs, grid
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ratio_summary(rows: list[dict]) -> list[str]:
+    """Per configuration, over all settings and rounds: median throughput ratios to full, PSS ratio, weight ratio."""
+    full = [r for r in rows if r["mode"] == "full"]
+    if not full:
+        return []
+    full_pss, full_weights = median([r["server_pss_bytes"] for r in full]), full[0].get("weight_bytes")
+    _, configs, grid = speedup_grid(rows)
+    cpu_grid = speedup_grid(rows, "output_tokens_per_cpu_s")[2]
+    lines = ["", "Ratios to the full model (medians over settings of the per-setting medians over rounds):", "",
+             "| mode | experts | throughput | per server CPU-s | PSS | served weight bytes (ideal) |",
+             "|---|---|---|---|---|---|"]
+    for mode, experts in configs:
+        if mode == "full":
+            continue
+        cells = [cell for cell in grid if cell[:2] == (mode, experts)]
+        throughput = median([grid[c][2] for c in cells if grid[c][2]])
+        per_cpu = median([cpu_grid[c][2] for c in cells if cpu_grid[c][2]])
+        config_rows = [r for c in cells for r in grid[c][0]]
+        pss = median([r["server_pss_bytes"] for r in config_rows]) / full_pss
+        weights = config_rows[0].get("weight_bytes")
+        lines.append(f"| {mode} | {experts:g} | {_ratio(throughput)} | {_ratio(per_cpu)} | {pss:.3f} | "
+                     f"{_ratio(weights / full_weights if weights and full_weights else None)} |")
+    return lines
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
 
 
 def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
     settings, configs, grid = speedup_grid(rows)
     cpu_grid = speedup_grid(rows, "output_tokens_per_cpu_s")[2]
     first = rows[0]
+    rounds = len({r.get("round", 0) for r in rows})
     header = [
         f"# Throughput sweep {first['sweep_id']}",
         "",
@@ -61,9 +102,10 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
         f"git {first['git_commit']}.",
         f"Concurrency {first['concurrency']}, {first['num_prompts']} prompts per run, lengths x{first['scale']:g}; "
         f"memory budget {first['memory_budget']} (mem_fraction_static {first['mem_fraction_static']}); "
-        f"OMP threads {first.get('omp_threads') or 'default'}; host load {first.get('host_load_1m')} at the first run.",
-        "Cells: output tokens/s (speedup over the full model; the same per server CPU-second, less sensitive "
-        "to other work on the host). PSS: all server processes, max over runs.",
+        f"OMP threads {first.get('omp_threads') or 'default'}; host load {first.get('host_load_1m')} at the first run; "
+        f"{rounds} round(s), configurations served in turn.",
+        "Cells: median output tokens/s (median speedup over the full model of the same round; the same per server "
+        "CPU-second, less sensitive to other work on the host). PSS: all server processes, median over runs.",
         "",
         "| mode | experts | PSS (GB) | KV tokens | " + " | ".join(settings) + " |",
         "|---|---|---|---|" + "---|" * len(settings),
@@ -71,17 +113,17 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
     lines = []
     for mode, experts in configs:
         cells = []
-        config_rows = [grid[(mode, experts, s)][0] for s in settings if (mode, experts, s) in grid]
+        config_rows = [r for s in settings for r in grid.get((mode, experts, s), ([],))[0]]
         for label in settings:
-            row, speedup = grid.get((mode, experts, label), (None, None))
-            cpu_speedup = cpu_grid.get((mode, experts, label), (None, None))[1]
+            runs, throughput, speedup = grid.get((mode, experts, label), ([], None, None))
+            cpu_speedup = cpu_grid.get((mode, experts, label), ([], None, None))[2]
             ratios = [f"{x:.2f}x{suffix}" for x, suffix in ((speedup, ""), (cpu_speedup, "/CPU-s")) if x is not None]
-            cells.append("—" if row is None else f"{row['output_throughput']:.1f}" +
+            cells.append("—" if throughput is None else f"{throughput:.1f}" +
                          (f" ({', '.join(ratios)})" if ratios else ""))
-        pss = max(r["server_pss_bytes"] for r in config_rows) / 1e9
+        pss = median([r["server_pss_bytes"] for r in config_rows]) / 1e9
         kv = config_rows[0].get("max_total_num_tokens")
         lines.append(f"| {mode} | {experts:g} | {pss:.2f} | {kv} | " + " | ".join(cells) + " |")
-    footer = ["", f"Note: {PAPER_NOTE}"]
+    footer = ratio_summary(rows) + ["", f"Note: {PAPER_NOTE}"]
     if skipped:
         footer += ["", "Skipped:"] + [f"- {reason}" for reason in skipped]
     return "\n".join(header + lines + footer) + "\n"
@@ -99,8 +141,8 @@ def plot_png(rows: list[dict]) -> bytes:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]  # one colour per (input, output) setting
     for k, label in enumerate(settings):
         for mode in [m for m in styles if any(c[0] == m for c in configs)]:
-            points = sorted((e, grid[(m, e, label)][1]) for m, e in configs
-                            if m in (mode, "full") and (m, e, label) in grid and grid[(m, e, label)][1])
+            points = sorted((e, grid[(m, e, label)][2]) for m, e in configs
+                            if m in (mode, "full") and (m, e, label) in grid and grid[(m, e, label)][2])
             line, marker = styles[mode]
             if points:
                 ax.plot(*zip(*points), line, marker=marker, color=colors[k % len(colors)], label=f"{label}, {mode}")

@@ -7,24 +7,8 @@ DeepSeek-V3 `e_score_correction_bias`) are sliced to the kept ids in the same or
 never decoded, so FP8 weights and their `weight_scale_inv` stay bit-identical. Layers the mask does not
 name (dense layers, MTP/next-n layers, shared experts) are copied unchanged.
 
-config.json: the routed-expert count keys (`n_routed_experts`, `num_experts`, `num_local_experts`, those
-present) get the largest count over the MoE layers (MTP layers aside), and an `easyep` block records what
-the plugin needs:
-    {"format": "easyep-pruned", "version": 1, "stock_engine": "exact" | "approximate" | "plugin-only",
-     "source_n_experts", "source_n_group", "source_topk_group", "source_fingerprint", "mask_digest",
-     "per_layer_experts": {"<layer>": count, ...},           # every MoE and MTP layer
-     "kept": {"<layer>": [orig id of new expert 0, ...]}}    # pruned layers; orig group = orig id // group size
-`stock_engine` says how a stock engine (one expert count, one group setting) serves the result:
-- exact: every MoE layer keeps the same count, and either routing has no groups (softmax over kept logits
-  equals the masked softmax; top-k over kept sigmoid scores equals the -1e4-bias mask), or every layer keeps
-  m experts in each of g groups, with m = group size or m >= the group score width (top-2 for sigmoid, max
-  for softmax). Group scores then equal the masked model's, empty groups never win, so `n_group = g`,
-  `topk_group = min(topk_group, g)` routes exactly as the masked full model.
-- approximate: same count everywhere but groups split unevenly; the stock fallback is `n_group = 1,
-  topk_group = 1` (plain top-k over kept experts), which can differ from the masked model. Exact routing needs
-  the easyep plugin, which routes in the source expert space using `kept`.
-- plugin-only: counts differ per layer; only the easyep plugin loads it (it reads `per_layer_experts`).
-An MTP layer left unpruned keeps all its experts; a stock engine's NextN draft model then needs the plugin.
+config.json gets an `easyep` block, written by easyep_sglang.pruned_checkpoint (see there: expert counts,
+stock_engine exact | approximate | plugin-only).
 """
 
 from __future__ import annotations
@@ -41,7 +25,6 @@ import signal
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,20 +35,13 @@ from easyep_sglang.mask import ExpertMask
 from easyep_sglang.safetensors_stream import (
     INDEX_NAME, Header, OutTensor, TensorInfo, ranges_digest, read_checkpoint, read_header, write_shard,
 )
-from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec, load_config, spec_from_config
+from easyep_sglang.pruned_checkpoint import EXPERT_COUNT_KEYS, STOCK_NOTES, pruned_config
+from easyep_sglang.spec import load_config, spec_from_config
 
 PROVENANCE_NAME = "easyep_prune.json"
-EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
 # Weights in other formats would ship unpruned beside the pruned safetensors: never copied.
 SKIPPED_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "*.bin.index.json",
                  "*.pt", "*.pth", "*.gguf", "*.h5", "*.msgpack")
-
-STOCK_NOTES = {
-    "exact": "",
-    "approximate": "; groups are split unevenly, so a stock engine routes by plain top-k over the kept experts, "
-                   "which can differ from the masked model: serve it with the easyep plugin for exact routing",
-    "plugin-only": "; expert counts differ per layer, so only the easyep plugin can load it",
-}
 
 _EXPERT = re.compile(r"^(?P<head>(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.experts\.)(?P<expert>\d+)\.(?P<tail>.+)$")
 _ROWWISE = re.compile(r"^(?:.*\.)?layers\.(?P<layer>\d+)\.mlp\.(?:gate\.|experts\.[A-Za-z_])")  # dim 0 = experts
@@ -130,49 +106,6 @@ def plan_prune(headers: dict[str, Header], kept: dict[int, tuple[int, ...]], n_e
     return plans
 
 
-def _group_shape(spec: MoESpec, ids) -> tuple[int, int] | None:
-    """(groups holding kept experts, kept per such group) when all such groups keep the same number."""
-    per_group = Counter(spec.group_of(e) for e in ids)
-    sizes = set(per_group.values())
-    return (len(per_group), sizes.pop()) if len(sizes) == 1 else None
-
-
-def stock_routing(spec: MoESpec, kept: dict[int, tuple[int, ...]]) -> tuple[int, int, int, str]:
-    """(expert count, n_group, topk_group, stock_engine) for the pruned config; see the module docstring."""
-    layer_ids = {l: kept.get(l, range(spec.n_experts)) for l in spec.moe_layers}
-    counts = {len(ids) for ids in layer_ids.values()}
-    n = max(counts)
-    if len(counts) > 1:
-        return n, 1, 1, "plugin-only"
-    if spec.n_group <= 1:
-        return n, spec.n_group, spec.topk_group, "exact"
-    width = 2 if spec.router == ROUTER_SIGMOID_BIAS else 1
-    shapes = {_group_shape(spec, ids) for ids in layer_ids.values()}
-    if len(shapes) == 1 and (shape := shapes.pop()) and (shape[1] >= width or shape[1] == spec.group_size):
-        return n, shape[0], min(spec.topk_group, shape[0]), "exact"
-    return n, 1, 1, "approximate"
-
-
-def prune_config(config: dict, spec: MoESpec, kept: dict[int, tuple[int, ...]], mask_digest: str) -> dict:
-    n, n_group, topk_group, stock = stock_routing(spec, kept)
-    new = dict(config)
-    for key in EXPERT_COUNT_KEYS:
-        if key in new:
-            new[key] = n
-    if spec.n_group > 1:
-        new["n_group"], new["topk_group"] = n_group, topk_group
-    block = {
-        "format": "easyep-pruned", "version": 1, "stock_engine": stock,
-        "source_n_experts": spec.n_experts, "source_n_group": spec.n_group, "source_topk_group": spec.topk_group,
-        "source_fingerprint": spec.fingerprint, "mask_digest": mask_digest,
-        "per_layer_experts": {str(l): len(kept.get(l, range(spec.n_experts))) for l in spec.prunable_layers},
-        # original id of each new expert; its routing group is original id // (source experts / source groups)
-        "kept": {str(l): list(ids) for l, ids in sorted(kept.items())},
-    }
-    new["easyep"] = block
-    return new
-
-
 # ---- checkpoint I/O --------------------------------------------------------------------------------
 def extra_files(model: Path, shard_names) -> tuple[list[Path], list[Path]]:
     """(files to copy as they are, weight files in other formats that are skipped), relative to `model`."""
@@ -228,7 +161,7 @@ def prune_checkpoint(model_path: str | Path, mask_path: str | Path, out: str | P
         raise PruneError(f"{out} already exists; pass --force to replace it, or choose another --out")
     index, headers = read_checkpoint(model)
     plans = plan_prune(headers, kept, spec.n_experts)
-    new_config = prune_config(config, spec, kept, mask.digest())
+    new_config = pruned_config(config, spec, kept, mask.digest())
     copies, skipped = extra_files(model, headers)
     total = sum(t.nbytes for plan in plans for t in plan.tensors)
     needed = total + sum((model / f).stat().st_size + 4096 for f in copies) + 4096 * (len(plans) + 3)

@@ -1,4 +1,23 @@
-"""Serving an offline-pruned checkpoint exactly: what its config.json `easyep` block says about its source.
+"""The `easyep` block of an offline-pruned checkpoint's config.json: written by the pruner, read by the launcher.
+
+The routed-expert count keys (`n_routed_experts`, `num_experts`, `num_local_experts`, those
+present) get the largest count over the MoE layers (MTP layers aside), and the `easyep` block records what
+the plugin needs:
+    {"format": "easyep-pruned", "version": 1, "stock_engine": "exact" | "approximate" | "plugin-only",
+     "source_n_experts", "source_n_group", "source_topk_group", "source_fingerprint", "mask_digest",
+     "per_layer_experts": {"<layer>": count, ...},           # every MoE and MTP layer
+     "kept": {"<layer>": [orig id of new expert 0, ...]}}    # pruned layers; orig group = orig id // group size
+`stock_engine` says how a stock engine (one expert count, one group setting) serves the result:
+- exact: every MoE layer keeps the same count, and either routing has no groups (softmax over kept logits
+  equals the masked softmax; top-k over kept sigmoid scores equals the -1e4-bias mask), or every layer keeps
+  m experts in each of g groups, with m = group size or m >= the group score width (top-2 for sigmoid, max
+  for softmax). Group scores then equal the masked model's, empty groups never win, so `n_group = g`,
+  `topk_group = min(topk_group, g)` routes exactly as the masked full model.
+- approximate: same count everywhere but groups split unevenly; the stock fallback is `n_group = 1,
+  topk_group = 1` (plain top-k over kept experts), which can differ from the masked model. Exact routing needs
+  the easyep plugin, which routes in the source expert space using `kept`.
+- plugin-only: counts differ per layer; only the easyep plugin loads it (it reads `per_layer_experts`).
+An MTP layer left unpruned keeps all its experts; a stock engine's NextN draft model then needs the plugin.
 
 A stock engine routes a pruned checkpoint over the kept experts with the config's own group
 settings; that is exact only when the pruner says `stock_engine: exact`. Otherwise our plugin serves
@@ -9,11 +28,19 @@ original ids, the pruned ones are masked, and the kept experts load from the che
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
-from easyep_sglang.spec import MoESpec, load_config, spec_from_config
+from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec, load_config, spec_from_config
 
 BLOCK = "easyep"
+EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+STOCK_NOTES = {
+    "exact": "",
+    "approximate": "; groups are split unevenly, so a stock engine routes by plain top-k over the kept experts, "
+                   "which can differ from the masked model: serve it with the easyep plugin for exact routing",
+    "plugin-only": "; expert counts differ per layer, so only the easyep plugin can load it",
+}
 
 
 @dataclass(frozen=True)
@@ -44,3 +71,46 @@ def read_pruned_checkpoint(model_path) -> PrunedCheckpoint | None:
         raise ValueError(f"{model_path}: config.json no longer matches the checkpoint it was pruned from; re-run the pruner")
     keep = {int(l): tuple(ids) for l, ids in block["kept"].items()}
     return PrunedCheckpoint(block["stock_engine"], source_spec, keep, overrides)
+
+
+def _group_shape(spec: MoESpec, ids) -> tuple[int, int] | None:
+    """(groups holding kept experts, kept per such group) when all such groups keep the same number."""
+    per_group = Counter(spec.group_of(e) for e in ids)
+    sizes = set(per_group.values())
+    return (len(per_group), sizes.pop()) if len(sizes) == 1 else None
+
+
+def stock_routing(spec: MoESpec, kept: dict[int, tuple[int, ...]]) -> tuple[int, int, int, str]:
+    """(expert count, n_group, topk_group, stock_engine) for the pruned config; see the module docstring."""
+    layer_ids = {l: kept.get(l, range(spec.n_experts)) for l in spec.moe_layers}
+    counts = {len(ids) for ids in layer_ids.values()}
+    n = max(counts)
+    if len(counts) > 1:
+        return n, 1, 1, "plugin-only"
+    if spec.n_group <= 1:
+        return n, spec.n_group, spec.topk_group, "exact"
+    width = 2 if spec.router == ROUTER_SIGMOID_BIAS else 1
+    shapes = {_group_shape(spec, ids) for ids in layer_ids.values()}
+    if len(shapes) == 1 and (shape := shapes.pop()) and (shape[1] >= width or shape[1] == spec.group_size):
+        return n, shape[0], min(spec.topk_group, shape[0]), "exact"
+    return n, 1, 1, "approximate"
+
+
+def pruned_config(config: dict, spec: MoESpec, kept: dict[int, tuple[int, ...]], mask_digest: str) -> dict:
+    n, n_group, topk_group, stock = stock_routing(spec, kept)
+    new = dict(config)
+    for key in EXPERT_COUNT_KEYS:
+        if key in new:
+            new[key] = n
+    if spec.n_group > 1:
+        new["n_group"], new["topk_group"] = n_group, topk_group
+    block = {
+        "format": "easyep-pruned", "version": 1, "stock_engine": stock,
+        "source_n_experts": spec.n_experts, "source_n_group": spec.n_group, "source_topk_group": spec.topk_group,
+        "source_fingerprint": spec.fingerprint, "mask_digest": mask_digest,
+        "per_layer_experts": {str(l): len(kept.get(l, range(spec.n_experts))) for l in spec.prunable_layers},
+        # original id of each new expert; its routing group is original id // (source experts / source groups)
+        "kept": {str(l): list(ids) for l, ids in sorted(kept.items())},
+    }
+    new["easyep"] = block
+    return new

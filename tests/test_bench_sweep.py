@@ -31,10 +31,10 @@ def test_first_experts_mask_spreads_over_groups(tiny):
 def test_pruned_modes_prepare_or_skip_with_a_reason(tiny, tmp_path):
     mask_path = tmp_path / "mask.json"
     first_experts_mask(spec_from_model_path(tiny), 8).save(mask_path)
-    offline, reason = prepare_server(ServerConfig("prune_offline", 8, mask_path), tiny, tmp_path)
+    offline, reason = prepare_server(ServerConfig("prune_offline", 8, mask_path, 0), tiny, tmp_path)
     assert reason is None, reason
     assert spec_from_model_path(offline.model_path).n_experts == 8
-    at_load, reason = prepare_server(ServerConfig("prune_load", 8, mask_path), tiny, tmp_path)
+    at_load, reason = prepare_server(ServerConfig("prune_load", 8, mask_path, 0), tiny, tmp_path)
     assert at_load == Launch(tiny, mask_path, ("--prune",)) or (at_load is None and "--prune" in reason)
 
 
@@ -53,6 +53,8 @@ def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
         assert row["server_pss_bytes"] > 100e6 and row["output_throughput"] > 0 and row["server_cpu_s"] > 0
     assert rows[0]["mask_digest"] is None and rows[1]["mask_digest"].startswith("sha256:")
     assert rows[1]["experts_per_layer"] == {"min": 8, "max": 8, "mean": 8}
+    weight_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
+    assert weight_bytes * 0.99 < rows[0]["weight_bytes"] == rows[1]["weight_bytes"] < weight_bytes  # masked: all loaded
 
     table = (out / "sweep.md").read_text()
     assert table == capsys.readouterr().out.rstrip("\n") + "\n"
@@ -86,3 +88,22 @@ def test_report_renders_every_setting_and_mode(tmp_path):
     assert "| prune_offline | 64 | 2.00 | 2000 | 150.0 (1.50x, 3.00x/CPU-s) | 150.0 (1.50x, 3.00x/CPU-s) |" in table
     assert "- prune_load (64 experts): no --prune" in table
     assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_rounds_pair_each_run_with_the_full_run_of_its_round(tmp_path):
+    from bench.sweep_report import markdown_table
+
+    base = {"kind": "throughput-sweep", "sweep_id": "s2", "model": "m", "sglang_version": "0.5.23", "device": "cpu",
+            "moe_kernel_path": "k", "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 0.03,
+            "memory_budget": "fixed-kv-tokens", "mem_fraction_static": 0.3, "nominal_input_len": 1024,
+            "nominal_output_len": 1024, "input_len": 31, "output_len": 31, "max_total_num_tokens": 8192}
+    # round 0 runs on a quiet host, round 1 on a busy one: the pairwise ratios are 1.1 and 0.9.
+    runs = [(0, "full", 128, 200.0, 4e9, 1000), (0, "prune_load", 64, 220.0, 3e9, 500),
+            (1, "full", 128, 100.0, 4e9, 1000), (1, "prune_load", 64, 90.0, 3e9, 500)]
+    rows = [{**base, "round": r, "mode": mode, "experts": experts, "output_throughput": tps,
+             "output_tokens_per_cpu_s": tps, "server_pss_bytes": pss, "weight_bytes": weights}
+            for r, mode, experts, tps, pss, weights in runs]
+    table = markdown_table(rows)
+    assert "| prune_load | 64 | 3.00 | 8192 | 155.0 (1.00x, 1.00x/CPU-s) |" in table
+    assert "| prune_load | 64 | 1.000 | 1.000 | 0.750 | 0.500 |" in table
+    assert "2 round(s)" in table

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from safetensors import safe_open
@@ -12,18 +13,9 @@ from easyep_sglang.plan import capacity, classify, footprint, main, parse_bytes
 from easyep_sglang.plan_shapes import checkpoint_weights, estimate_weights
 from easyep_sglang.spec import spec_from_config, spec_from_model_path
 
-# DeepSeek-R1's published config.json (the values that fix the weight shapes).
-R1_CONFIG = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "torch_dtype": "bfloat16",
-    "hidden_size": 7168, "num_hidden_layers": 61, "first_k_dense_replace": 3, "moe_layer_freq": 1,
-    "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
-    "topk_method": "noaux_tc", "scoring_func": "sigmoid", "moe_intermediate_size": 2048, "intermediate_size": 18432,
-    "vocab_size": 129280, "q_lora_rank": 1536, "kv_lora_rank": 512, "num_attention_heads": 128,
-    "num_key_value_heads": 128, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128,
-    "num_nextn_predict_layers": 1, "tie_word_embeddings": False,
-    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                            "weight_block_size": [128, 128]},
-}
+# The shape-fixing values of the published config.json files, shipped for the planner's README tables.
+CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "configs"
+R1_CONFIG = json.loads((CONFIGS / "deepseek_r1.json").read_text())
 # The published DeepSeek-V3/R1 safetensors headers hold 91,991 tensors totalling 688,574,839,360 bytes
 # (as listed by the model-inspect tool from the Hugging Face headers; V3 and R1 share every shape).
 R1_HEADER_TENSORS, R1_HEADER_BYTES = 91_991, 688_574_839_360
@@ -78,6 +70,12 @@ def test_deepseek_r1_from_its_config():
     assert fp.served_params + fp.params["mtp"] == pytest.approx(685e9, rel=0.005)  # 685B with the MTP layer
     assert classify("model.layers.61.mlp.experts.3.up_proj.weight", spec) == ("mtp", 61, 3)
     assert classify("model.layers.3.mlp.gate.e_score_correction_bias", spec) == ("router", 3, None)
+
+
+def test_qwen3_30b_a3b_from_its_config():
+    config = json.loads((CONFIGS / "qwen3_30b_a3b.json").read_text())
+    fp = footprint(estimate_weights(config), spec_from_config(config), {})
+    assert fp.served_params == pytest.approx(30.5e9, rel=0.005)  # the published 30.5B
 
 
 def test_deepseek_r1_fits_one_node_only_when_pruned():

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from easyep_sglang import prune, safetensors_stream
+from easyep_sglang import prune, pruned_checkpoint, safetensors_stream
 from easyep_sglang.mask import ExpertMask
 from easyep_sglang.spec import spec_from_config
 
@@ -421,12 +421,12 @@ def test_router_rows_merge_into_ranges():
 def test_stock_routing_rules():
     v3 = spec_from_config(DEEPSEEK_CONFIG)  # sigmoid: a group's score is its top-2 sum
     one_per_group = {1: [0, 4, 8, 12], 2: [1, 5, 9, 13]}
-    assert prune.stock_routing(v3, one_per_group) == (4, 1, 1, "approximate")
-    assert prune.stock_routing(v3, {}) == (E, 4, 2, "exact")
+    assert pruned_checkpoint.stock_routing(v3, one_per_group) == (4, 1, 1, "approximate")
+    assert pruned_checkpoint.stock_routing(v3, {}) == (E, 4, 2, "exact")
     v2 = spec_from_config({**DEEPSEEK_CONFIG, "architectures": ["DeepseekV2ForCausalLM"], "num_experts_per_tok": 2,
                            "topk_method": "group_limited_greedy", "scoring_func": "softmax"})
-    assert prune.stock_routing(v2, one_per_group) == (4, 4, 2, "exact")  # softmax: a group's score is its max
-    assert prune.stock_routing(v2, {1: [0, 4, 8, 12]}) == (E, 1, 1, "plugin-only")
+    assert pruned_checkpoint.stock_routing(v2, one_per_group) == (4, 4, 2, "exact")  # softmax: a group's score is its max
+    assert pruned_checkpoint.stock_routing(v2, {1: [0, 4, 8, 12]}) == (E, 1, 1, "plugin-only")
 
 
 # ---- stock transformers loads the pruned model and matches the masked original ----------------------------
