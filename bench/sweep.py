@@ -223,8 +223,7 @@ def server_flags(args) -> list[str]:
     fraction = args.mem_fraction_static or BENCH_MODELS[args.bench_model or "tiny"].mem_fraction_static
     if args.mem_fraction_static is None and args.model_path and gpu_available():
         fraction = None  # SGLang's own choice, which depends on the GPU only: the same for every config
-    # --sleep-on-idle: an idle scheduler otherwise spins, which would count in the server's CPU time.
-    flags = ["--sleep-on-idle"] + (["--mem-fraction-static", str(fraction)] if fraction else [])
+    flags = ["--mem-fraction-static", str(fraction)] if fraction else []
     if args.same_memory_budget:  # freed expert memory becomes KV cache, as on a GPU at a fixed fraction
         flags += ["--max-total-tokens", NO_TOKEN_CAP]
     elif args.max_total_tokens:

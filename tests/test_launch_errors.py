@@ -69,7 +69,8 @@ def test_cpu_setup_adds_defaults_the_user_did_not_give(tiny_models, tmp_path):
     argv, env = prepare(["--model-path", str(tiny_models["deepseek_v3"]), "--mask", str(mask),
                          "--max-total-tokens", "2048", "--port", "1234", "--device", "cpu"])
     assert argv.count("--max-total-tokens") == 1 and argv[argv.index("--max-total-tokens") + 1] == "2048"
-    assert "--attention-backend" in argv and "--disable-cuda-graph" in argv and "--port" in argv
+    assert "--attention-backend" in argv and "--disable-cuda-graph" in argv and "--sleep-on-idle" in argv
+    assert "--port" in argv
     assert env[ENV_MASK] == str(mask.resolve()) and env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert env["PYTHONPATH"].split(":")[0] == str(CPU_SHIM_DIR)
 

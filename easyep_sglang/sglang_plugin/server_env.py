@@ -23,6 +23,8 @@ CPU_SERVER_DEFAULTS = {
     "sampling_backend": "pytorch",
     "disable_cuda_graph": True,
     "skip_server_warmup": True,
+    # An idle scheduler polls its sockets on a full core (measured: 0.96 CPU-s per second, 0.01 with this).
+    "sleep_on_idle": True,
     # Without caps the scheduler reserves ~15 GB of KV cache on a CPU host.
     "max_total_tokens": 8192,
     "mem_fraction_static": 0.05,
