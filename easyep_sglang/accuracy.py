@@ -85,19 +85,27 @@ def load_problems(path: str | Path) -> list[Problem]:
 
 
 def sample(client, args, problem: Problem, seed: int | None) -> dict:
-    """One chat completion; errors are recorded, not raised, so one bad request does not end the run."""
+    """One completion; errors are recorded, not raised, so one bad request does not end the run.
+
+    --api chat sends the problem as a user message (through the model's chat template); --api completions
+    sends it as raw text, so the completion continues it and the answer is read from prompt + completion
+    (a "Q: 37+48=? A:" prompt completed by " 85")."""
+    prompt = problem.problem + args.prompt_suffix
+    sampling = dict(model=args.model, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                    seed=seed, **({"stop": args.stop} if args.stop else {}))
     try:
-        response = client.chat.completions.create(
-            model=args.model, messages=[{"role": "user", "content": problem.problem + args.prompt_suffix}],
-            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed,
-        )
+        if args.api == "completions":
+            response = client.completions.create(prompt=prompt, **sampling)
+        else:
+            response = client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **sampling)
     except Exception as err:  # the openai client raises many types; the report keeps the message
         return {"error": f"{type(err).__name__}: {err}"[:500]}
     choice = response.choices[0]
-    text = choice.message.content or ""
+    text = (choice.text if args.api == "completions" else choice.message.content) or ""
+    answered = prompt + text if args.api == "completions" else text
     return {"text_tail": text[-TEXT_TAIL_CHARS:], "finish_reason": choice.finish_reason,
             "completion_tokens": response.usage.completion_tokens if response.usage else None,
-            "extracted": extract_answer(text)}
+            "extracted": extract_answer(answered)}
 
 
 def evaluate(args) -> dict:
@@ -137,7 +145,8 @@ def evaluate(args) -> dict:
         "data_sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
         "served_model": args.model, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
         "max_tokens": args.max_tokens, "concurrency": args.concurrency, "seed": args.seed,
-        "prompt_suffix": args.prompt_suffix, "num_problems": len(problems),
+        "prompt_suffix": args.prompt_suffix, "api": args.api, "stop": args.stop,
+        "num_problems": len(problems),
         "pass@1": sum(p["pass@1"] for p in per_problem) / len(per_problem),
         "errors": sum("error" in s for row in samples for s in row),
         "duration_s": round(time.monotonic() - started, 1),
@@ -162,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="base sampling seed; sample j of problem i uses seed + i*n + j")
     parser.add_argument("--prompt-suffix", default=R1_MATH_SUFFIX, help="appended to every problem "
                         "(default: DeepSeek-R1's 'reason step by step ... within \\boxed{}')")
+    parser.add_argument("--api", choices=("chat", "completions"), default="chat",
+                        help="chat: the problem as a user message; completions: as raw text the model continues, "
+                        "for base models such as the demo's 'Q: 37+48=? A:' (default: chat)")
+    parser.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable), e.g. a newline")
     parser.add_argument("--mask", help="the mask the server runs with, recorded (digest) in the report")
     parser.add_argument("--request-timeout", type=float, default=3600, help="seconds per request (default: 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
