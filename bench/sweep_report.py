@@ -61,7 +61,9 @@ def median(values: list[float]) -> float | None:
 
 
 def ratio_summary(rows: list[dict]) -> list[str]:
-    """Per configuration, over all settings and rounds: median throughput ratios to full, PSS ratio, weight ratio."""
+    """Per configuration, over all settings and rounds: median throughput ratios to full, PSS ratio, weight ratio,
+    and the memory freed per weight byte pruned (1.0: every pruned byte left the server; PSS also holds the
+    runtime and the KV cache, so the PSS ratio itself stays above the weight ratio)."""
     full = [r for r in rows if r["mode"] == "full"]
     if not full:
         return []
@@ -69,8 +71,9 @@ def ratio_summary(rows: list[dict]) -> list[str]:
     _, configs, grid = speedup_grid(rows)
     cpu_grid = speedup_grid(rows, "output_tokens_per_cpu_s")[2]
     lines = ["", "Ratios to the full model (medians over settings of the per-setting medians over rounds):", "",
-             "| mode | experts | throughput | per server CPU-s | PSS | served weight bytes (ideal) |",
-             "|---|---|---|---|---|---|"]
+             "| mode | experts | throughput | per server CPU-s | PSS | served weight bytes (ideal) "
+             "| PSS freed / weight bytes freed |",
+             "|---|---|---|---|---|---|---|"]
     for mode, experts in configs:
         if mode == "full":
             continue
@@ -78,10 +81,11 @@ def ratio_summary(rows: list[dict]) -> list[str]:
         throughput = median([grid[c][2] for c in cells if grid[c][2]])
         per_cpu = median([cpu_grid[c][2] for c in cells if cpu_grid[c][2]])
         config_rows = [r for c in cells for r in grid[c][0]]
-        pss = median([r["server_pss_bytes"] for r in config_rows]) / full_pss
+        pss = median([r["server_pss_bytes"] for r in config_rows])
         weights = config_rows[0].get("weight_bytes")
-        lines.append(f"| {mode} | {experts:g} | {_ratio(throughput)} | {_ratio(per_cpu)} | {pss:.3f} | "
-                     f"{_ratio(weights / full_weights if weights and full_weights else None)} |")
+        freed = (full_pss - pss) / (full_weights - weights) if weights and full_weights and weights < full_weights else None
+        lines.append(f"| {mode} | {experts:g} | {_ratio(throughput)} | {_ratio(per_cpu)} | {pss / full_pss:.3f} | "
+                     f"{_ratio(weights / full_weights if weights and full_weights else None)} | {_ratio(freed)} |")
     return lines
 
 

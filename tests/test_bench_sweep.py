@@ -40,10 +40,10 @@ def test_pruned_modes_prepare_or_skip_with_a_reason(tiny, tmp_path):
 
 def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
     out = tmp_path / "sweep"
-    main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "masked", "--inputs", "16",
+    main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "masked", "prune_offline", "--inputs", "16",
           "--outputs", "8", "--concurrency", "2", "--num-prompts", "4", "--omp-threads", "1", "--out-dir", str(out)])
     rows = read_rows(out / "sweep.jsonl")
-    assert [(r["mode"], r["experts"]) for r in rows] == [("full", 16), ("masked", 8)]
+    assert [(r["mode"], r["experts"]) for r in rows] == [("full", 16), ("masked", 8), ("prune_offline", 8)]
     for row in rows:
         missing = [key for key in PROVENANCE if key not in row]
         assert not missing, missing
@@ -53,12 +53,15 @@ def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
         assert row["server_pss_bytes"] > 100e6 and row["output_throughput"] > 0 and row["server_cpu_s"] > 0
     assert rows[0]["mask_digest"] is None and rows[1]["mask_digest"].startswith("sha256:")
     assert rows[1]["experts_per_layer"] == {"min": 8, "max": 8, "mean": 8}
-    weight_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
-    assert weight_bytes * 0.99 < rows[0]["weight_bytes"] == rows[1]["weight_bytes"] < weight_bytes  # masked: all loaded
+    full_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
+    pruned_bytes = sum(p.stat().st_size for p in (out / "pruned" / "first-8").glob("*.safetensors"))
+    assert full_bytes * 0.99 < rows[0]["weight_bytes"] == rows[1]["weight_bytes"] < full_bytes  # masked: all loaded
+    assert pruned_bytes * 0.99 < rows[2]["weight_bytes"] < pruned_bytes < full_bytes
 
     table = (out / "sweep.md").read_text()
     assert table == capsys.readouterr().out.rstrip("\n") + "\n"
     assert "| full | 16 |" in table and "(1.00x, 1.00x/CPU-s)" in table and "| masked | 8 |" in table
+    assert "| prune_offline | 8 |" in table and "Ratios to the full model" in table
     assert "16 in / 8 out" in table and "doubled" in table
     assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
 
@@ -98,12 +101,12 @@ def test_rounds_pair_each_run_with_the_full_run_of_its_round(tmp_path):
             "memory_budget": "fixed-kv-tokens", "mem_fraction_static": 0.3, "nominal_input_len": 1024,
             "nominal_output_len": 1024, "input_len": 31, "output_len": 31, "max_total_num_tokens": 8192}
     # round 0 runs on a quiet host, round 1 on a busy one: the pairwise ratios are 1.1 and 0.9.
-    runs = [(0, "full", 128, 200.0, 4e9, 1000), (0, "prune_load", 64, 220.0, 3e9, 500),
-            (1, "full", 128, 100.0, 4e9, 1000), (1, "prune_load", 64, 90.0, 3e9, 500)]
+    runs = [(0, "full", 128, 200.0, 4e9, 2e9), (0, "prune_load", 64, 220.0, 3e9, 1e9),
+            (1, "full", 128, 100.0, 4e9, 2e9), (1, "prune_load", 64, 90.0, 3e9, 1e9)]
     rows = [{**base, "round": r, "mode": mode, "experts": experts, "output_throughput": tps,
              "output_tokens_per_cpu_s": tps, "server_pss_bytes": pss, "weight_bytes": weights}
             for r, mode, experts, tps, pss, weights in runs]
     table = markdown_table(rows)
     assert "| prune_load | 64 | 3.00 | 8192 | 155.0 (1.00x, 1.00x/CPU-s) |" in table
-    assert "| prune_load | 64 | 1.000 | 1.000 | 0.750 | 0.500 |" in table
+    assert "| prune_load | 64 | 1.000 | 1.000 | 0.750 | 0.500 | 1.000 |" in table
     assert "2 round(s)" in table
