@@ -37,7 +37,7 @@ def test_corpus_is_deterministic_and_math_eval_is_held_out():
 
 def test_training_smoke_run_writes_a_checkpoint_transformers_loads(tmp_path):
     config = dataclasses.replace(
-        train.TrainConfig(), steps=3, batch_size=2, seq_len=32, warmup_steps=1, log_every=1,
+        train.TrainConfig(), minutes=None, steps=3, batch_size=2, seq_len=32, warmup_steps=1, log_every=1,
         model_overrides=tuple(SMOKE_OVERRIDES.items()),
     )
     out_dir = tmp_path / "model"
