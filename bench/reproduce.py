@@ -8,7 +8,8 @@
 2. Select (easyep_sglang.select) with every method at every pruning ratio from the math statistics, random
    over --random-seeds seeds; mixed-domain rows mix math+code+prose; Table 1 adds each domain's easy_ep mask
    at the first ratio; per-layer budgets (--budget, same total as uniform top-M) for easy_ep on math.
-3. Serve each distinct mask, and the full model, through the launcher: one server at a time, stopped after use.
+3. Serve each distinct mask, and the full model, through the launcher: one server per mask, stopped after use;
+   the next --servers-ahead servers start while one is measured. Configurations whose masks agree share one.
 4. Score over the server (bench/reproduce_eval.py): greedy exact match through the accuracy harness, answer
    loss and per-domain loss from SGLang's input-token logprobs.
 Rows (one per configuration, with provenance) go to OUT/rows.jsonl; OUT/reproduce.md and the figures are
@@ -33,7 +34,7 @@ from bench.serving import omp_env, sigterm_unwinds
 from easyep_sglang import calibrate, select
 from easyep_sglang.accuracy import load_problems
 from easyep_sglang.mask import ExpertMask
-from easyep_sglang.report import append_row, git_commit, provenance, read_rows
+from easyep_sglang.report import append_row, git_commit, read_rows
 from easyep_sglang.score import SCORERS, keep_for_ratio, score, select_uniform
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.spec import MoESpec, spec_from_model_path
@@ -168,7 +169,9 @@ def run(args) -> Path:
     for row in overlap_rows(args, out, spec, counts, keeps, run_id):
         if (row["figure"], row.get("domain"), row["m"]) not in done:
             append_row(rows_path, row)
-    configs = [c for c in plan(args, spec) if c.name not in done]
+    planned = plan(args, spec)
+    order = {c.name: i for i, c in enumerate(planned)}  # the tables' row order, also when resuming
+    configs = [c for c in planned if c.name not in done]
     masks = {c.name: make_mask(args, out, c, counts[-1]) for c in configs if c.method != "full"}
     loaded = {name: ExpertMask.load(path) for name, path in masks.items()}
     digest = {c.name: loaded[c.name].digest() if c.name in loaded else None for c in configs}
@@ -178,14 +181,15 @@ def run(args) -> Path:
     sets = eval_sets(args, out, AutoTokenizer.from_pretrained(args.model_path))
     to_serve = [masks.get(c.name) for c in served.values()]
     for mask_path, server, startup_s in serve_in_turn(args.model_path, to_serve, server_args, omp_env(args.omp_threads),
-                                                      out / "logs", args.prefetch):
+                                                      out / "logs", args.servers_ahead):
         key = ExpertMask.load(mask_path).digest() if mask_path else None
         print(f"easyep: measuring {served[key].name} ({server.base_url})", file=sys.stderr, flush=True)
         measured = {**measure(server, args.model_path, mask_path, sets, args.max_answer_tokens, out / "accuracy.jsonl"),
                     "server_start_s": startup_s, "evaluated_with": served[key].name}
-        for order, config in enumerate(configs):
+        for config in configs:
             if digest[config.name] == key:
-                append_row(rows_path, eval_row(args, spec, config, order, loaded.get(config.name), measured, sets, run_id))
+                append_row(rows_path, eval_row(args, spec, config, order[config.name], loaded.get(config.name), measured,
+                                               sets, run_id))
     return write_report(rows_path, run_id)
 
 
@@ -232,11 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-text-tokens", type=int, default=256, help="tokens per eval text (default: 256)")
     parser.add_argument("--max-answer-tokens", type=int, default=8, help="greedy tokens per problem (default: 8)")
     parser.add_argument("--omp-threads", type=int, default=1, help="OMP_NUM_THREADS of each server, 0: torch's (default: 1)")
-    parser.add_argument("--server-args", default="--mem-fraction-static 0.2 --sleep-on-idle",
+    parser.add_argument("--server-args", default="--mem-fraction-static 0.2",
                         help="launcher/SGLang flags of every server, quoted (default: %(default)s)")
-    parser.add_argument("--no-prefetch", dest="prefetch", action="store_false",
-                        help="start each server only after the previous one stopped (default: the next one starts "
-                        "while the current one is measured)")
+    parser.add_argument("--servers-ahead", type=int, default=1, metavar="N",
+                        help="servers starting while one is measured; 0: one server at a time (default: 1)")
     parser.add_argument("--quick", action="store_true", help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--resume", action="store_true", help="continue the last run in OUT/rows.jsonl")
     return parser

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,13 +128,13 @@ def measure(server: LaunchedServer, model_path: Path, mask: Path | None, sets: E
 
 
 def serve_in_turn(model_path: Path, masks: list[Path | None], server_args: list[str], env: dict, log_dir: Path,
-                  prefetch: bool = True) -> Iterator[tuple[Path | None, LaunchedServer, float]]:
+                  ahead: int = 1) -> Iterator[tuple[Path | None, LaunchedServer, float]]:
     """Yield (mask, started server, startup seconds) for each mask (None: the full model), one after another.
 
-    With `prefetch`, the next server starts in a background thread while the caller uses the current one, so
-    a 20-40 s startup overlaps an evaluation. Every server is stopped by PID, on errors too. The servers are
-    started from the pool's one worker thread, which lives until every server is stopped (LaunchedServer's
-    parent-death signal follows the thread that started the process)."""
+    Up to `ahead` later servers start in background threads while the caller uses the current one, so 20-40 s
+    startups overlap measurements (0: strictly one server at a time). Every server is stopped by PID, on
+    errors too. Servers start from the pool's worker threads, which live until every server is stopped
+    (LaunchedServer's parent-death signal follows the thread that started the process)."""
     def launch(mask: Path | None) -> tuple[LaunchedServer, float]:
         server = LaunchedServer(model_path, mask=mask, extra_args=server_args, env=env,
                                 log_path=log_dir / f"{mask.stem if mask else 'full'}.log")
@@ -145,23 +146,28 @@ def serve_in_turn(model_path: Path, masks: list[Path | None], server_args: list[
             raise
         return server, round(time.monotonic() - started, 1)
 
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(launch, masks[0]) if masks else None
+    pending: deque = deque()  # futures of the next servers, in mask order
+    submitted = 0
+
+    def fill(count: int) -> None:
+        nonlocal submitted
+        while submitted < len(masks) and len(pending) < count:
+            pending.append(pool.submit(launch, masks[submitted]))
+            submitted += 1
+
+    with ThreadPoolExecutor(max_workers=max(1, ahead)) as pool:
         try:
-            for i, mask in enumerate(masks):
-                server, startup_s = pending.result()
-                pending = None
+            for mask in masks:
+                fill(max(1, ahead))
+                server, startup_s = pending.popleft().result()
                 try:
-                    if prefetch and i + 1 < len(masks):
-                        pending = pool.submit(launch, masks[i + 1])
+                    fill(ahead)
                     yield mask, server, startup_s
                 finally:
                     server.stop()
-                if pending is None and i + 1 < len(masks):
-                    pending = pool.submit(launch, masks[i + 1])
         finally:
-            if pending is not None:  # started ahead and never used: wait for it, then stop it
+            for future in pending:  # started ahead and never used: wait for each, then stop it
                 try:
-                    pending.result()[0].stop()
+                    future.result()[0].stop()
                 except Exception:
                     pass

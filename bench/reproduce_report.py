@@ -59,6 +59,14 @@ def experts_label(row: dict) -> str:
     return str(counts[0]) if len(set(counts)) == 1 else "/".join(map(str, counts))
 
 
+def shared_mark(members: list[dict]) -> str:
+    """A dagger when a row's mask equals an earlier configuration's, measured once on that one's server."""
+    return " †" if any(r.get("evaluated_with", r["config"]) != r["config"] for r in members) else ""
+
+
+SHARED_NOTE = "† the same mask (digest) as an earlier configuration: one server measured both."
+
+
 def table2(rows: list[dict]) -> list[str]:
     evals = [r for r in rows if "table2" in r["tables"]]
     full = aggregate([r for r in evals if r["method"] == "full"])
@@ -66,7 +74,7 @@ def table2(rows: list[dict]) -> list[str]:
              "loss math | loss code | loss prose |", "|---|---|---|---|---|---|---|---|---|"]
     for (method, calibration, _, _, _), members in group(evals).items():
         agg, first = aggregate(members), members[0]
-        name = method + (f" (mean of {len(members)} seeds)" if len(members) > 1 else "")
+        name = method + (f" (mean of {len(members)} seeds)" if len(members) > 1 else "") + shared_mark(members)
         pruned = f"{100 * first['prune_ratio']:.0f}%" if first["prune_ratio"] else "0%"
         cells = [fmt(agg, m, None if method == "full" else full) for m in METRICS]
         lines.append(f"| {name} | {calibration or '—'} | {experts_label(first)} | {pruned} | " + " | ".join(cells) + " |")
@@ -144,7 +152,10 @@ def markdown(rows: list[dict]) -> str:
     fig2, fig3 = overlap_tables([r for r in rows if r["kind"] == "reproduce-overlap"])
     out = header(rows)
     out += ["## Table 2 analogue: methods x pruning ratio (math calibration; mixed = math+code+prose)", ""]
-    out += table2(evals) + ["", "## Table 1 analogue: each domain's mask, in-domain (bold) vs out-of-domain", ""]
+    out += table2(evals)
+    if any(shared_mark([r]) for r in evals):
+        out += ["", SHARED_NOTE]
+    out += ["", "## Table 1 analogue: each domain's mask, in-domain (bold) vs out-of-domain", ""]
     out += table1(evals) + ["", "## Per-layer budgets: uniform top-M vs a global budget (easy_ep, math)", ""]
     out += budget_table(evals) + ["", "## Figure 2 analogue: top-M expert overlap between domains (fig2_domain_overlap.png)", ""]
     out += fig2 + ["## Figure 3 analogue: selected experts vs calibration samples (fig3_sample_overlap.png)", ""]

@@ -146,14 +146,14 @@ class FakeServer:
         FakeServer.events.append(("stop", self.mask))
 
 
-@pytest.mark.parametrize("prefetch", [True, False])
-def test_serve_in_turn_stops_every_server(monkeypatch, tmp_path, prefetch):
+@pytest.mark.parametrize("ahead", [0, 1, 2])
+def test_serve_in_turn_stops_every_server(monkeypatch, tmp_path, ahead):
     import bench.reproduce_eval as reproduce_eval
 
     monkeypatch.setattr(reproduce_eval, "LaunchedServer", FakeServer)
     a, b, c, broken = (Path(name) for name in ("a", "b", "c", "broken"))
     FakeServer.events = []
-    for mask, server, _ in reproduce_eval.serve_in_turn(tmp_path, [None, a, b], [], {}, tmp_path, prefetch):
+    for mask, server, _ in reproduce_eval.serve_in_turn(tmp_path, [None, a, b], [], {}, tmp_path, ahead):
         FakeServer.events.append(("use", mask))
     assert [e for e in FakeServer.events if e[0] == "use"] == [("use", None), ("use", a), ("use", b)]
     assert [m for kind, m in FakeServer.events if kind == "start"] == [None, a, b]
@@ -161,20 +161,20 @@ def test_serve_in_turn_stops_every_server(monkeypatch, tmp_path, prefetch):
     for mask in (None, a, b):  # each server is used only after it started and stopped after use
         assert FakeServer.events.index(("start", mask)) < FakeServer.events.index(("use", mask)) \
             < FakeServer.events.index(("stop", mask))
-    if not prefetch:  # strictly one at a time
+    if not ahead:  # strictly one at a time
         assert FakeServer.events.index(("stop", None)) < FakeServer.events.index(("start", a))
     # A failure while measuring stops the current server and the one started ahead.
     FakeServer.events = []
     with pytest.raises(ValueError):
-        for mask, server, _ in reproduce_eval.serve_in_turn(tmp_path, [a, b, c], [], {}, tmp_path, prefetch):
+        for mask, server, _ in reproduce_eval.serve_in_turn(tmp_path, [a, b, c], [], {}, tmp_path, ahead):
             raise ValueError("measurement failed")
     started = {m for kind, m in FakeServer.events if kind == "start"}
-    assert started == ({a, b} if prefetch else {a})
+    assert started == [{a}, {a, b}, {a, b, c}][ahead]
     assert {m for kind, m in FakeServer.events if kind == "stop"} == started
     # A server that cannot start is stopped, and the error reaches the caller.
     FakeServer.events = []
     with pytest.raises(RuntimeError, match="server exited"):
-        list(reproduce_eval.serve_in_turn(tmp_path, [broken], [], {}, tmp_path, prefetch))
+        list(reproduce_eval.serve_in_turn(tmp_path, [broken], [], {}, tmp_path, ahead))
     assert FakeServer.events == [("start", broken), ("stop", broken)]
 
 
