@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import uuid
@@ -38,7 +39,7 @@ from easyep_sglang.report import append_row, git_commit, read_rows
 from easyep_sglang.score import SCORERS, keep_for_ratio, score, select_uniform
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.spec import MoESpec, spec_from_model_path
-from easyep_sglang.stats import ExpertStats
+from easyep_sglang.stats import ExpertStats, utc_now
 
 DATA_DIR = Path(easyep_sglang.__file__).parent / "data"
 SAMPLE_COUNTS = (1, 3, 5, 10, 25)
@@ -57,21 +58,24 @@ class Config:
 
 
 def plan(args, spec: MoESpec) -> list[Config]:
+    """Every configuration, in the tables' row order: the full model, then per pruning ratio each method on math
+    (random once per seed) and the mixed rows; Table 1's other domains; the per-layer budgets."""
     n_moe = len(spec.moe_layers)
     keeps = [(ratio, keep_for_ratio(1 - ratio, spec)) for ratio in args.prune_ratios]
     configs = [Config("full", "full", tables=("table2", "table1", "budget"))]
     for i, (ratio, keep) in enumerate(keeps):
         for method in args.methods:
-            for seed in range(args.random_seeds if method == "random" else 1):
-                tables = ("table2",) + (("table1",) if i == 0 and method == "easy_ep" else ()) + \
-                         (("budget",) if method == "easy_ep" else ())
-                configs.append(Config(f"{method}-math-keep{keep}-s{seed}", method, ("math",), keep, None, seed, ratio, tables))
-        for method in args.mixed_methods:
-            configs.append(Config(f"{method}-mixed-keep{keep}", method, DOMAINS, keep, None, 0, ratio))
+            easy_ep = method == "easy_ep"
+            tables = ("table2",) + (("table1",) if easy_ep and i == 0 else ()) + (("budget",) if easy_ep else ())
+            configs += [Config(f"{method}-math-keep{keep}-s{seed}", method, ("math",), keep, None, seed, ratio, tables)
+                        for seed in range(args.random_seeds if method == "random" else 1)]
+        configs += [Config(f"{method}-mixed-keep{keep}", method, DOMAINS, keep, None, 0, ratio)
+                    for method in args.mixed_methods]
     ratio, keep = keeps[0]
-    configs += [Config(f"easy_ep-{d}-keep{keep}", "easy_ep", (d,), keep, None, 0, ratio, ("table1",)) for d in DOMAINS[1:]]
-    configs += [Config(f"easy_ep-math-budget{keep * n_moe}", "easy_ep", ("math",), None, keep * n_moe, 0, ratio, ("budget",))
-                for ratio, keep in keeps]
+    configs += [Config(f"easy_ep-{d}-keep{keep}", "easy_ep", (d,), keep, None, 0, ratio, ("table1",))
+                for d in DOMAINS[1:]]
+    configs += [Config(f"easy_ep-math-budget{keep * n_moe}", "easy_ep", ("math",), None, keep * n_moe, 0, ratio,
+                       ("budget",)) for ratio, keep in keeps]
     return configs
 
 
@@ -92,7 +96,8 @@ def calibrate_all(args, out: Path, counts: list[int], server_args: list[str]) ->
             argv = ["--model-path", str(args.model_path), "--prompts", str(prompts), "--domain", domain,
                     "--out", str(stats_path(out, domain, k)), "--num-samples", str(k),
                     "--base-url", server.base_url, "--stats-dir", str(record_dir)]
-            calibrate.run(calibrate.build_parser().parse_args(argv + (["--use-responses"] if args.use_responses else [])), [])
+            argv += ["--use-responses"] if args.use_responses else []
+            calibrate.run(calibrate.build_parser().parse_args(argv), [])
 
 
 def make_mask(args, out: Path, config: Config, k_all: int) -> Path:
@@ -105,7 +110,7 @@ def make_mask(args, out: Path, config: Config, k_all: int) -> Path:
 
 
 def eval_sets(args, out: Path, tokenizer) -> EvalSets:
-    """The math problems file the harness reads, answer items and each domain's text items, cut to the --num-* sizes."""
+    """The math problems file the harness reads, answer items and each domain's texts, cut to the --num-* sizes."""
     sets = Path(args.sets_dir)
     rows = [line for line in (sets / "math_eval.jsonl").read_text().splitlines() if line.strip()][: args.num_problems]
     data = out / "data" / f"math_eval_{len(rows)}.jsonl"
@@ -147,7 +152,7 @@ def overlap_rows(args, out: Path, spec: MoESpec, counts: list[int], keeps: list[
     return rows
 
 
-def run(args) -> Path:
+def run(args) -> str:
     from transformers import AutoTokenizer
 
     out = Path(args.out_dir)
@@ -190,7 +195,7 @@ def run(args) -> Path:
             if digest[config.name] == key:
                 append_row(rows_path, eval_row(args, spec, config, order[config.name], loaded.get(config.name), measured,
                                                sets, run_id))
-    return write_report(rows_path, run_id)
+    return run_id
 
 
 def eval_row(args, spec: MoESpec, config: Config, order: int, mask: ExpertMask | None, measured: dict,
@@ -206,7 +211,6 @@ def eval_row(args, spec: MoESpec, config: Config, order: int, mask: ExpertMask |
         "eval": {"num_problems": len(sets.answers), "num_texts": args.num_texts, "max_text_tokens": args.max_text_tokens,
                  "max_answer_tokens": args.max_answer_tokens, "sets_dir": str(args.sets_dir),
                  "text_tokens": {d: sum(len(i.token_ids) - i.start for i in items) for d, items in sets.texts.items()}},
-        "command": ["python", "-m", "bench.reproduce", *args.argv],
     }
 
 
@@ -251,15 +255,18 @@ def main(argv: list[str] | None = None) -> None:
     if "--quick" in argv:
         parser.set_defaults(**QUICK)
     args = parser.parse_args(argv)
-    args.argv = argv
     if not (args.model_path / "config.json").is_file():
         parser.error(f"no model at {args.model_path}; pass --model-path (python -m easyep_sglang.demo_model builds one)")
     started = time.monotonic()
     with sigterm_unwinds():
-        md = run(args)
-    print(md.read_text())
-    print(f"easyep: reproduction done in {time.monotonic() - started:.0f}s; rows in {args.out_dir}/rows.jsonl",
-          file=sys.stderr)
+        run_id = run(args)
+    rows_path = args.out_dir / "rows.jsonl"
+    append_row(rows_path, {"kind": "reproduce-invocation", "run_id": run_id,
+                           "command": ["python", "-m", "bench.reproduce", *argv], "finished": utc_now(),
+                           "duration_s": round(time.monotonic() - started, 1), "git_commit": git_commit(),
+                           "host_load_1m": round(os.getloadavg()[0], 2)})
+    print(write_report(rows_path, run_id).read_text())
+    print(f"easyep: reproduction done in {time.monotonic() - started:.0f}s; rows in {rows_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -134,16 +134,28 @@ def header(rows: list[dict]) -> list[str]:
     evals = [r for r in rows if r["kind"] == "reproduce-eval"]
     first = evals[0] if evals else rows[0]
     e = first.get("eval", {})
-    lines = [f"# Miniature EASY-EP reproduction, run {first['run_id']}", "",
-             f"Model `{first.get('model')}` ({first.get('architecture')}, {first.get('model_fingerprint')}, "
-             f"{first.get('n_experts')} routed experts); SGLang {first.get('sglang_version')} on {first.get('device')}; "
-             f"git {first.get('git_commit')}; {len(evals)} evaluated configurations, "
-             f"{len({r['mask_digest'] for r in evals})} servers.",
-             f"Evaluation: {e.get('num_problems')} math problems, greedy exact match through the accuracy harness "
-             f"(OpenAI completions API, max {e.get('max_answer_tokens')} tokens, stop at a newline); answer loss = "
-             f"mean NLL (nats/token) of the answer tokens given the problem; domain loss = mean NLL per token over "
-             f"{e.get('num_texts')} eval texts per domain (at most {e.get('max_text_tokens')} tokens each), from "
-             "SGLang's input-token logprobs. Relative changes are to the full model.", ""]
+    lines = [f"# Miniature EASY-EP reproduction, run {first['run_id']}", ""]
+    lines += [f"- `{' '.join(r['command'])}`: {r['duration_s']:.0f} s, finished {r['finished']}"
+              for r in rows if r["kind"] == "reproduce-invocation"]
+    return lines + [
+        "",
+        f"Model `{first.get('model')}` ({first.get('architecture')}, {first.get('model_fingerprint')}, "
+        f"{first.get('n_experts')} routed experts); SGLang {first.get('sglang_version')} on {first.get('device')}; "
+        f"git {first.get('git_commit')}; {len(evals)} evaluated configurations, "
+        f"{len({r['mask_digest'] for r in evals})} servers.",
+        f"Evaluation: {e.get('num_problems')} math problems, greedy exact match through the accuracy harness "
+        f"(OpenAI completions API, max {e.get('max_answer_tokens')} tokens, stop at a newline); answer loss = "
+        f"mean NLL (nats/token) of the answer tokens given the problem; domain loss = mean NLL per token over "
+        f"{e.get('num_texts')} eval texts per domain (at most {e.get('max_text_tokens')} tokens each), from "
+        "SGLang's input-token logprobs. Relative changes are to the full model.", ""]
+
+
+def runs_table(evals: list[dict]) -> list[str]:
+    """Where each number came from: one line per configuration."""
+    lines = ["| configuration | mask digest | measured on the server of | server start (s) | measuring (s) | "
+             "host load (1 min) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['mask_digest'] or '— (full model)'} | {r.get('evaluated_with', r['config'])} | "
+              f"{r.get('server_start_s')} | {r.get('eval_s')} | {r.get('host_load_1m')} |" for r in evals]
     return lines
 
 
@@ -159,7 +171,8 @@ def markdown(rows: list[dict]) -> str:
     out += table1(evals) + ["", "## Per-layer budgets: uniform top-M vs a global budget (easy_ep, math)", ""]
     out += budget_table(evals) + ["", "## Figure 2 analogue: top-M expert overlap between domains (fig2_domain_overlap.png)", ""]
     out += fig2 + ["## Figure 3 analogue: selected experts vs calibration samples (fig3_sample_overlap.png)", ""]
-    out += fig3 + [""]
+    out += fig3 + ["", "## Runs (every row in rows.jsonl also carries its full provenance)", ""]
+    out += runs_table(evals) + [""]
     return "\n".join(out) + "\n"
 
 

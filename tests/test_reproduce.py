@@ -102,6 +102,8 @@ ROWS = [
      "mean": [[1.0, 0.5], [0.5, 1.0]]},
     {"kind": "reproduce-overlap", "run_id": "r1", "figure": "samples", "domain": "math", "m": 16, "n_experts": 32,
      "layers": [1, 2], "samples": [1, 5, 25], "per_layer": [[0.5, 0.7], [0.9, 0.9], [1, 1]], "overlap_mean": [0.6, 0.9, 1.0]},
+    {"kind": "reproduce-invocation", "run_id": "r1", "command": ["python", "-m", "bench.reproduce", "--quick"],
+     "duration_s": 404.2, "finished": "2026-11-24T05:00:00+00:00"},
 ]
 
 
@@ -119,6 +121,8 @@ def test_tables_from_hand_made_rows():
     budget = [l for l in lines if l.startswith("| 50% |")]
     assert budget[0].startswith("| 50% | uniform | 16/16/16/16 (64)") and len(budget) == 2
     assert "| code | 0.50 | 1.00 |" in lines and "| math | 16 | 0.60 | 0.90 | 1.00 |" in lines
+    assert "- `python -m bench.reproduce --quick`: 404 s, finished 2026-11-24T05:00:00+00:00" in lines
+    assert "| easy_ep-math-budget64 | easy_ep-math-budget64 | easy_ep-math-budget64 | None | None | None |" in lines
 
 
 def test_write_report_renders_files(tmp_path):
