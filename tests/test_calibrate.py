@@ -50,8 +50,7 @@ def test_launcher_record_stats_flag(tiny_models, tmp_path):
     assert ENV_STATS_DIR not in env and "--disable-prefill-cuda-graph" not in argv
 
 
-def test_unsupported_setting_is_refused_at_load_time(servers, tiny_models, tmp_path):
-    servers.stop_all()  # the CLI starts its own server: keep one alive at a time
+def test_unsupported_setting_is_refused_at_load_time(tiny_models, tmp_path):
     (tmp_path / "p.txt").write_text("hello\n")
     with pytest.raises(SystemExit, match="calibrate without --enable-mixed-chunk"):
         calibrate.main(["--model-path", str(tiny_models["qwen3_moe"]), "--prompts", str(tmp_path / "p.txt"), "--domain", "x",

@@ -126,9 +126,8 @@ def test_tp2_statistics_match_transformers(servers, tiny_models_fp32):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_calibrate_in_process_bf16_agreement(servers, tiny_models, tmp_path, arch):
+def test_calibrate_in_process_bf16_agreement(tiny_models, tmp_path, arch):
     """The CLI end to end, starting its own server; bf16 agreement is measured and printed, loosely bounded."""
-    servers.stop_all()  # the CLI starts its own server: keep one alive at a time
     model = tiny_models[arch]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in TEXTS))
@@ -160,8 +159,7 @@ if __name__ == "__main__":
 """
 
 
-def test_engine_statistics_match_transformers(servers, tiny_models_fp32, tmp_path):
-    servers.stop_all()  # the Engine is a server of its own: keep one alive at a time
+def test_engine_statistics_match_transformers(tiny_models_fp32, tmp_path):
     model = tiny_models_fp32["qwen3_moe"]
     sequences = [s.token_ids for s in samples_for(model)]
     script, out = tmp_path / "engine_calibrate.py", tmp_path / "engine.safetensors"
