@@ -77,3 +77,17 @@ def _parse(prompt: str) -> tuple[int, str, int]:
     operator = "+" if "+" in expression else "-"
     left, right = expression.split(operator)
     return int(left), operator, int(right)
+
+
+def test_bundled_mask_is_what_the_pipeline_selects_from_the_shipped_statistics(tmp_path):
+    from easyep_sglang import select
+    from easyep_sglang.demo import DEMO_MASK
+    from easyep_sglang.mask import ExpertMask
+    from easyep_sglang.spec import spec_from_model_path
+
+    out = tmp_path / "mask.json"
+    select.main(["--stats", str(DATA_DIR / "demo_stats_math.safetensors"), "--method", "easy_ep", "--keep", "16",
+                 "--model-path", str(SHIPPED_MODEL), "--out", str(out)])
+    bundled, selected = ExpertMask.load(DEMO_MASK), ExpertMask.load(out)
+    assert bundled.keep == selected.keep, "rerun the commands in python -m easyep_sglang.demo --help"
+    assert {l: len(ids) for l, ids in bundled.resolve(spec_from_model_path(SHIPPED_MODEL)).items()} == {1: 16, 2: 16, 3: 16, 4: 16}
