@@ -16,6 +16,7 @@ from easyep_sglang.report import read_rows
 
 DOMAINS = ("math", "code", "prose")
 METRICS = ("exact_match", "answer_loss", *(f"loss_{d}" for d in DOMAINS))
+MIN_RELATIVE_BASE = 0.05  # nats/token
 
 
 def metric(row: dict, name: str) -> float | None:
@@ -41,16 +42,25 @@ def group(rows: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def fmt(agg: dict, name: str, full: dict | None = None) -> str:
+    """mean [±std over seeds] [(share of the full model's exact match, or relative change of a loss)]. A loss
+    change relative to a full-model loss under MIN_RELATIVE_BASE (an answer loss near 0) would be noise: the
+    absolute change is shown instead."""
     if name not in agg:
         return "—"
     mean, std, n = agg[name]
     percent = name == "exact_match"
-    text = f"{100 * mean:.1f}%" if percent else f"{mean:.3f}"
+    digits = 4 if name == "answer_loss" else 3
+    text = f"{100 * mean:.1f}%" if percent else f"{mean:.{digits}f}"
     if n > 1:
-        text += f" ±{100 * std:.1f}" if percent else f" ±{std:.3f}"
-    if full and name in full and full[name][0]:
+        text += f" ±{100 * std:.1f}" if percent else f" ±{std:.{digits}f}"
+    if full and name in full:
         base = full[name][0]
-        text += f" ({100 * mean / base:.0f}% of full)" if percent else f" ({100 * (mean / base - 1):+.1f}%)"
+        if percent and base:
+            text += f" ({100 * mean / base:.0f}% of full)"
+        elif not percent and base >= MIN_RELATIVE_BASE:
+            text += f" ({100 * (mean / base - 1):+.1f}%)"
+        elif not percent:
+            text += f" ({mean - base:+.{digits}f})"
     return text
 
 

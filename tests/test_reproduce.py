@@ -110,19 +110,29 @@ ROWS = [
 def test_tables_from_hand_made_rows():
     text = markdown(ROWS)
     lines = text.splitlines()
-    assert "| full | — | 32 | 0% | 40.0% | 1.000 | 2.000 | 3.000 | 4.000 |" in lines
-    assert "| easy_ep | math | 16 | 50% | 38.0% (95% of full) | 1.100 (+10.0%) | 2.000 (+0.0%) | 3.300 (+10.0%) | " \
+    assert "| full | — | 32 | 0% | 40.0% | 1.0000 | 2.000 | 3.000 | 4.000 |" in lines
+    assert "| easy_ep | math | 16 | 50% | 38.0% (95% of full) | 1.1000 (+10.0%) | 2.000 (+0.0%) | 3.300 (+10.0%) | " \
            "4.400 (+10.0%) |" in lines
     random_row = next(l for l in lines if l.startswith("| random (mean of 2 seeds)"))
-    assert "15.0% ±7.1 (38% of full)" in random_row and "2.000 ±0.000 (+100.0%)" in random_row
+    assert "15.0% ±7.1 (38% of full)" in random_row and "2.0000 ±0.0000 (+100.0%)" in random_row
     assert "| code | 16 | 5.0% (12% of full) | 4.000 (+100.0%) | **3.000 (+0.0%)** | 4.200 (+5.0%) |" in lines
-    assert "| 50% | budget | 10/20/20/14 (64) | 39.0% (98% of full) | 1.050 (+5.0%) | 2.000 (+0.0%) | 3.200 (+6.7%) | " \
+    assert "| 50% | budget | 10/20/20/14 (64) | 39.0% (98% of full) | 1.0500 (+5.0%) | 2.000 (+0.0%) | 3.200 (+6.7%) | " \
            "4.300 (+7.5%) |" in lines
     budget = [l for l in lines if l.startswith("| 50% |")]
     assert budget[0].startswith("| 50% | uniform | 16/16/16/16 (64)") and len(budget) == 2
     assert "| code | 0.50 | 1.00 |" in lines and "| math | 16 | 0.60 | 0.90 | 1.00 |" in lines
     assert "- `python -m bench.reproduce --quick`: 404 s, finished 2026-11-24T05:00:00+00:00" in lines
     assert "| easy_ep-math-budget64 | easy_ep-math-budget64 | easy_ep-math-budget64 | None | None | None |" in lines
+
+
+def test_a_loss_near_zero_gets_an_absolute_change():
+    from bench.reproduce_report import aggregate, fmt
+
+    full = aggregate([eval_row("full", "full", None, None, 1.0, (0.0004, 0.6, 1.4, 1.5), [])])
+    pruned = aggregate([eval_row("x", "easy_ep", "math", 16, 0.7, (0.7744, 0.72, 1.5, 1.6), [])])
+    assert fmt(pruned, "answer_loss", full) == "0.7744 (+0.7740)"
+    assert fmt(pruned, "loss_math", full) == "0.720 (+20.0%)"
+    assert fmt(pruned, "exact_match", full) == "70.0% (70% of full)"
 
 
 def test_write_report_renders_files(tmp_path):
