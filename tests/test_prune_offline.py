@@ -252,8 +252,9 @@ def test_prune_qwen3_single_file(tmp_path, capsys):
 
 # ---- interruption ------------------------------------------------------------------------------------
 DRIVER = """
-import sys, time
+import signal, sys, time
 from easyep_sglang import prune, safetensors_stream
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal; a background shell starts us ignoring it
 real_copy, calls = safetensors_stream.copy_range, []
 def copy_then_stall(*args):
     real_copy(*args)
