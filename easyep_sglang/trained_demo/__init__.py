@@ -16,4 +16,7 @@ The package ships the result: the checkpoint in `easyep_sglang/data/demo_moe/` (
   to the first newline, stripped, equals `answer`. None of these problems is ever trained on.
 - `{code,prose}_eval.jsonl`, 50 rows: `{"text": str}`, 256-character held-out passages for a
   per-domain loss.
+
+Code and prose come from the running interpreter's standard library (sources and docstrings); the
+shipped model and sets were made with Python 3.11, and another Python version writes other code/prose rows.
 """
