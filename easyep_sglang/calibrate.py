@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -185,16 +186,20 @@ def connect(args: argparse.Namespace, sglang_args: list[str]):
         yield ServerClient(args.base_url), Path(args.stats_dir)
         return
     with tempfile.TemporaryDirectory(prefix="easyep-calibrate-") as tmp:
-        log = Path(tmp) / "server.log"
+        log = server_log_path()
         server = LaunchedServer(args.model_path, extra_args=["--record-stats", tmp, *sglang_args], log_path=log)
-        try:
-            server.start()
-        except (RuntimeError, TimeoutError) as err:
-            raise RuntimeError(f"{err}; its last lines:\n" + "\n".join(log.read_text().splitlines()[-15:])) from None
+        server.start()  # a failure names the log and quotes its last lines
         try:
             yield ServerClient(server.base_url), Path(tmp)
         finally:
             server.stop()
+        log.unlink()
+
+
+def server_log_path() -> Path:
+    """The log of the server calibrate starts: outside its statistics folder, so the log a failure points to
+    outlives it; removed after a clean run."""
+    return Path(tempfile.gettempdir()) / f"easyep-calibrate-server-{os.getpid()}.log"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from easyep_sglang.launch_checks import check_settings
 from easyep_sglang.mask import ExpertMask
 from easyep_sglang.sglang_plugin.server_env import CPU_SHIM_DIR, gpu_available, server_setup
 from easyep_sglang.spec import spec_from_model_path
@@ -27,6 +28,8 @@ def create_engine(model_path: str | Path, mask: str | Path | None = None, record
     `record_stats_dir`, records calibration statistics there (see sglang_plugin/stats_recorder.py)."""
     if mask:
         ExpertMask.load(mask).summary(spec_from_model_path(model_path))  # validates before SGLang starts
+    check_settings(sglang_kwargs, tp_size=sglang_kwargs.get("tp_size", 1), masked=bool(mask),
+                   record_stats=bool(record_stats_dir))
     device = sglang_kwargs.get("device")
     on_cpu = device == "cpu" or (device is None and not gpu_available())
     setup = server_setup(str(mask) if mask else None, on_cpu=on_cpu, tp_size=sglang_kwargs.get("tp_size", 1),

@@ -4,21 +4,25 @@
 
 The mask is validated against the model before SGLang starts. Every other argument goes to
 `python -m sglang.launch_server` unchanged. On a machine with no GPU the CPU work-arounds and
-memory caps are added (each can be overridden by passing the flag yourself).
+memory caps are added (each can be overridden by passing the flag yourself). The server fails closed:
+it exits non-zero, naming the worker and the cause, when a worker fails to start or did not apply what
+was asked (see sglang_plugin/serve.py and fail_closed.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
 from pathlib import Path
 
+from easyep_sglang.launch_checks import check_settings, settings_from_cli
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
-from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
-from easyep_sglang.sglang_plugin.server_env import gpu_available, server_setup
+from easyep_sglang.sglang_plugin import TESTED_SGLANG_VERSION
+from easyep_sglang.sglang_plugin.server_env import PLUGIN_NAME, gpu_available, server_setup
 from easyep_sglang.spec import spec_from_model_path
 
 
@@ -40,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/easyep_stats_<unix ns>.safetensors (see python -m easyep_sglang.calibrate)")
     parser.add_argument("--device", help="passed to SGLang; 'cpu' (or no GPU present) turns on the CPU work-arounds")
     parser.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1, help="passed to SGLang")
+    parser.add_argument("--allow-untested-sglang", action="store_true",
+                        help=f"serve a mask, pruning or the recorder with an SGLang other than {TESTED_SGLANG_VERSION}; "
+                        "every worker is still checked before the server serves")
     return parser
 
 
@@ -65,12 +72,35 @@ def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
         ours += ["--json-model-override-args", json.dumps(pruned.source_overrides)]
         print(f"easyep: pruned checkpoint ({pruned.stock_engine} in stock engines), served in its source routing "
               f"space: {sum(map(len, pruned.keep.values()))} experts in {len(pruned.keep)} pruned layers", file=sys.stderr)
+    if args.prune:
+        prune_as, kept, kept_spec = "--prune", mask.resolve(spec), spec
+    elif pruned and pruned.needs_plugin:
+        prune_as, kept, kept_spec = "a plugin-served pruned checkpoint", pruned.keep, pruned.source_spec
+    else:
+        prune_as, kept, kept_spec = None, None, None
+    check_settings(settings_from_cli(passthrough), tp_size=args.tp_size, spec=kept_spec, pruned=prune_as, keep=kept,
+                   masked=bool(args.mask or prune_as), record_stats=bool(args.record_stats))
     on_cpu = args.device == "cpu" or (args.device is None and not gpu_available())
     setup = server_setup(args.mask, on_cpu=on_cpu, tp_size=args.tp_size, prune=args.prune,
                          stats_dir=args.record_stats, pruned_checkpoint=bool(pruned and pruned.needs_plugin))
+    if args.mask or args.record_stats or pruned and pruned.needs_plugin:
+        check_plugin_will_run(setup.env, args.allow_untested_sglang)
     if args.device:
         ours += ["--device", args.device]
     return ours + passthrough + setup.cli_args(ours + passthrough), setup.env
+
+
+def check_plugin_will_run(env: dict[str, str], allow_untested: bool) -> None:
+    """Refuse what would leave the workers unmasked; the server checks each worker again before it serves."""
+    allowed = env.get("SGLANG_PLUGINS")
+    # An allowlist the operator set to keep code out of the server is not widened behind their back.
+    if allowed and PLUGIN_NAME not in {name.strip() for name in allowed.split(",")}:
+        raise ValueError(f"SGLANG_PLUGINS={allowed} leaves out the {PLUGIN_NAME} plugin, so no worker would apply the "
+                         f"mask, pruning or recorder; set SGLANG_PLUGINS={allowed},{PLUGIN_NAME}")
+    version = importlib.metadata.version("sglang")
+    if version != TESTED_SGLANG_VERSION and not allow_untested:
+        raise ValueError(f"SGLang {version} is installed; the plugin is tested with {TESTED_SGLANG_VERSION}. "
+                         f"Install sglang=={TESTED_SGLANG_VERSION}, or pass --allow-untested-sglang")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     except (MaskError, ValueError, FileNotFoundError) as err:
         print(f"easyep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    command = [sys.executable, "-m", "sglang.launch_server", *server_argv]
+    # SGLang's launch_server, in a process that stops the server when a worker fails to start (serve.py)
+    command = [sys.executable, "-m", "easyep_sglang.sglang_plugin.serve", *server_argv]
     print("easyep: " + " ".join(command), file=sys.stderr, flush=True)
     os.execve(sys.executable, command, env)  # same PID: whoever started us can stop the server
 

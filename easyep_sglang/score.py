@@ -89,11 +89,13 @@ def mix_domains(domain_scores: list[torch.Tensor], weights: list[float] | None =
     return sum(w * normalize_layers(s) for w, s in zip(weights, domain_scores))  # [L, E]
 
 
-def keep_for_ratio(ratio: float, spec: MoESpec) -> int:
-    """Experts kept per layer for a keep ratio: round(ratio * n_experts), halves up."""
+def keep_for_ratio(ratio: float, spec: MoESpec, multiple_of: int = 1) -> int:
+    """Experts kept per layer for a keep ratio: round(ratio * n_experts / N) * N, halves up, at most
+    n_experts (N = multiple_of)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"keep ratio {ratio} must be in (0, 1]")
-    keep = math.floor(ratio * spec.n_experts + 0.5)
+    _check_multiple_of(multiple_of, spec)
+    keep = min(math.floor(ratio * spec.n_experts / multiple_of + 0.5), spec.n_experts // multiple_of) * multiple_of
     if keep < spec.top_k:
         raise ValueError(
             f"keep ratio {ratio} keeps {keep} of {spec.n_experts} experts < top_k={spec.top_k}; "
@@ -102,9 +104,13 @@ def keep_for_ratio(ratio: float, spec: MoESpec) -> int:
     return keep
 
 
-def select_uniform(scores: torch.Tensor, spec: MoESpec, keep: int) -> dict[int, list[int]]:
+def select_uniform(scores: torch.Tensor, spec: MoESpec, keep: int, multiple_of: int = 1) -> dict[int, list[int]]:
     """The top-`keep` experts of every MoE layer (repaired for group reachability)."""
     _check_scores(scores, spec)
+    _check_multiple_of(multiple_of, spec)
+    if keep % multiple_of:
+        low = keep - keep % multiple_of
+        raise ValueError(f"keep={keep} is not a multiple of {multiple_of}; keep {low} or {low + multiple_of}")
     if keep < spec.top_k:
         raise ValueError(f"keep={keep} < top_k={spec.top_k}: every token needs top_k experts; keep at least {spec.top_k}")
     if keep > spec.n_experts:
@@ -112,32 +118,43 @@ def select_uniform(scores: torch.Tensor, spec: MoESpec, keep: int) -> dict[int, 
     return {layer: select_layer(row, spec, keep) for layer, row in zip(spec.moe_layers, scores.tolist())}
 
 
-def select_budget(scores: torch.Tensor, spec: MoESpec, budget: int) -> dict[int, list[int]]:
-    """Keep `budget` experts in total over the MoE layers, the count M_l varying per layer.
+def select_budget(scores: torch.Tensor, spec: MoESpec, budget: int, multiple_of: int = 1) -> dict[int, list[int]]:
+    """Keep `budget` experts in total over the MoE layers, the count M_l varying per layer in steps
+    of N = multiple_of (N = 1: any count; N = EP size: counts that expert parallelism can split).
 
     Rule: put each layer's scores on one scale as shares of the layer's total,
         P[l, i] = S[l, i] / sum_j S[l, j]   (a layer summing to 0 has shares 0),
-    give every layer its top_k best experts (the fewest a layer can serve with), then give the other
-    budget - L * top_k places to the highest shares over all remaining (layer, expert) pairs, ties
-    by layer then expert id. Shares fall along each layer's ranking, so every layer keeps a prefix
-    of it (its top-M_l) and the result maximises sum_l (share of layer l's score kept) subject to
-    sum_l M_l = budget and M_l >= top_k: a layer whose score is spread over many experts keeps more
-    than one dominated by a few. Each set is then repaired like select_uniform's.
+    give every layer its best m0 = ceil(top_k / N) * N experts (the fewest a layer can serve with),
+    then hand out the other budget - L * m0 places N at a time: each chunk is a layer's next N
+    experts in its ranking, worth the sum of their shares, and the best chunks over all layers win,
+    ties by layer then position. Shares fall along each layer's ranking, so chunk values do too,
+    every layer keeps a prefix of it (its top-M_l), and the result maximises
+    sum_l (share of layer l's score kept) subject to sum_l M_l = budget, M_l >= m0, N | M_l:
+    a layer whose score is spread over many experts keeps more than one dominated by a few.
+    Each set is then repaired like select_uniform's.
     """
     _check_scores(scores, spec)
-    n_layers, k = len(spec.moe_layers), spec.top_k
-    low, high = n_layers * k, n_layers * spec.n_experts
+    _check_multiple_of(multiple_of, spec)
+    n_layers, step = len(spec.moe_layers), multiple_of
+    floor = -(-spec.top_k // step) * step  # m0
+    low, high = n_layers * floor, n_layers * (spec.n_experts - spec.n_experts % step)
     if not low <= budget <= high:
-        raise ValueError(
-            f"budget={budget} must be between {low} (top_k={k} in each of {n_layers} MoE layers) "
-            f"and {high} (every expert)"
-        )
+        least = f"top_k={spec.top_k}" if step == 1 else f"top_k={spec.top_k} rounded up to {floor}"
+        most = "every expert" if spec.n_experts % step == 0 else f"{high // n_layers} per layer"
+        raise ValueError(f"budget={budget} must be between {low} ({least} in each of {n_layers} MoE layers) and {high} ({most})")
+    if budget % step:
+        low_budget = budget - budget % step
+        raise ValueError(f"budget={budget} is not a multiple of {step}; use {low_budget} or {low_budget + step}")
     shares = normalize_layers(scores).tolist()  # [L][E]
     rankings = [rank_experts(row) for row in shares]
-    pool = sorted((-shares[l][e], l, e) for l, ranking in enumerate(rankings) for e in ranking[k:])
-    counts = [k] * n_layers
-    for _, l, _ in pool[: budget - low]:
-        counts[l] += 1
+    chunks = sorted(
+        (-sum(shares[l][e] for e in ranking[start : start + step]), l, start)
+        for l, ranking in enumerate(rankings)
+        for start in range(floor, high // n_layers, step)
+    )
+    counts = [floor] * n_layers
+    for _, l, _ in chunks[: (budget - low) // step]:
+        counts[l] += step
     return {layer: select_layer(shares[l], spec, counts[l]) for l, layer in enumerate(spec.moe_layers)}
 
 
@@ -197,6 +214,11 @@ def _reachable(spec: MoESpec, kept: list[int] | set[int]) -> bool:
     except MaskError:
         return False
     return True
+
+
+def _check_multiple_of(multiple_of: int, spec: MoESpec) -> None:
+    if not 1 <= multiple_of <= spec.n_experts:
+        raise ValueError(f"multiple of {multiple_of}: use a count between 1 and n_experts={spec.n_experts}")
 
 
 def _check_scores(scores: torch.Tensor, spec: MoESpec) -> None:

@@ -35,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--budget", type=int, metavar="B",
         help="keep B experts over all MoE layers, more where a layer's score is spread (see score.select_budget)",
     )
+    parser.add_argument(
+        "--multiple-of", type=int, default=1, metavar="N",
+        help="keep a multiple of N experts in every layer, e.g. the expert-parallel size, which must divide "
+        "each pruned layer's count (default: %(default)s)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --method random (default: %(default)s)")
     parser.add_argument("--model-path", required=True, metavar="DIR", help="local Hugging Face model directory holding config.json")
     parser.add_argument("--out", required=True, metavar="FILE", help="mask JSON to write")
@@ -76,13 +81,16 @@ def run(args: argparse.Namespace) -> tuple[ExpertMask, MoESpec]:
     loaded = [load_stats(path, spec, args.model_path) for path in args.stats]
     domain_scores = [score(stats, args.method, args.seed) for stats, _ in loaded]  # d x [L, E]
     scores = domain_scores[0] if len(loaded) == 1 else mix_domains(domain_scores, weights)  # [L, E]
+    step = args.multiple_of
     if args.budget is not None:
         selection = {"budget": args.budget}
-        keep = select_budget(scores, spec, args.budget)
+        keep = select_budget(scores, spec, args.budget, step)
     else:
-        per_layer = args.keep if args.keep is not None else keep_for_ratio(args.keep_ratio, spec)
+        per_layer = args.keep if args.keep is not None else keep_for_ratio(args.keep_ratio, spec, step)
         selection = {"keep": per_layer} if args.keep is not None else {"keep_ratio": args.keep_ratio, "keep": per_layer}
-        keep = select_uniform(scores, spec, per_layer)
+        keep = select_uniform(scores, spec, per_layer, step)
+    if step > 1:
+        selection["multiple_of"] = step
     provenance = {
         "stats": [
             {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "provenance": prov}

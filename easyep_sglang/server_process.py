@@ -46,13 +46,21 @@ class LaunchedServer:
         self.stop()
 
     def start(self) -> None:
+        self.spawn()
+        self.wait_until_healthy()
+
+    def spawn(self) -> None:
+        """Start the process. The kernel ends it when the calling *thread* exits (PR_SET_PDEATHSIG), so call this
+        from a thread that outlives the server."""
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_terminate_with_parent)
+
+    def wait_until_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} during startup; log: {self.log_path}")
+                raise RuntimeError(f"server exited with {self.proc.returncode} during startup; {self._log_tail()}")
             try:
                 with urllib.request.urlopen(self.base_url + "/health", timeout=5) as resp:
                     if resp.status == 200:
@@ -61,7 +69,13 @@ class LaunchedServer:
                 pass
             time.sleep(1)
         self.stop()
-        raise TimeoutError(f"server not healthy after {self.startup_timeout:.0f}s; log: {self.log_path}")
+        raise TimeoutError(f"server not healthy after {self.startup_timeout:.0f}s; {self._log_tail()}")
+
+    def _log_tail(self, lines: int = 20) -> str:
+        if self.log_path is None:
+            return "no log (pass log_path)"
+        tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        return f"log: {self.log_path}; its last lines:\n" + "\n".join(tail)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None and not _group_alive(self.proc.pid):

@@ -1,12 +1,14 @@
 """Every bad input to the launcher exits non-zero, with a one-line reason, before SGLang starts."""
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from easyep_sglang.launch import prepare
+from easyep_sglang.launch_checks import OVERLAP_FIX, check_settings, settings_from_cli
 from easyep_sglang.sglang_plugin.server_env import CPU_SHIM_DIR, ENV_MASK
 
 
@@ -109,3 +111,61 @@ def test_stock_exact_pruned_checkpoint_needs_no_plugin(tiny_models, tmp_path):
     pruned = _prune_tiny(tiny_models, tmp_path, {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15]})
     argv, env = prepare(["--model-path", str(pruned), "--device", "cpu"])
     assert "--json-model-override-args" not in argv and ENV_PRUNED_CHECKPOINT not in env
+
+
+
+# ---- SGLang settings a mode cannot serve (launch_checks.py) ----------------------------------------
+SPLIT_KEEP = {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8]}  # 12 and 5 kept
+
+
+@pytest.mark.parametrize("flags, refused, mask_ok", [
+    (["--enable-eplb"], "--prune cannot be served with --enable-eplb", True),
+    (["--init-expert-location", "placement.json"], "drop --init-expert-location", True),
+    (["--ep-dispatch-algorithm=static"], "drop --ep-dispatch-algorithm", True),
+    (["--ep-num-redundant-experts", "2"], "drop --ep-num-redundant-experts", True),
+    (["--ep-size", "4"], "layer 2 keeps 5 experts, not a multiple of the expert-parallel size 4 that FusedMoE "
+                         "splits them over; keep 4 or 8 experts in that layer (python -m easyep_sglang.select "
+                         "--multiple-of 4), or lower --ep-size", True),
+    (["--moe-a2a-backend", "deepep", "--tp", "2"], "size 2 that FusedMoE splits them over; keep 4 or 6", True),
+    (["--startup-weight-load-mode", "overlap"], OVERLAP_FIX, False),
+])
+def test_prune_refuses_expert_placement_indivisible_ep_and_overlap(tiny_models, tmp_path, flags, refused, mask_ok):
+    model = str(tiny_models["deepseek_v3"])
+    mask = _write(tmp_path / "m.json", {"keep": {str(l): ids for l, ids in SPLIT_KEEP.items()}})
+    with pytest.raises(ValueError) as err:
+        prepare(["--model-path", model, "--mask", str(mask), "--prune", "--device", "cpu", *flags])
+    assert refused in str(err.value) and "\n" not in str(err.value)
+    if mask_ok:  # a mask alone serves under EPLB (pruned experts keep their slots) and EP (all experts built)
+        prepare(["--model-path", model, "--mask", str(mask), "--device", "cpu", *flags])
+    prepare(["--model-path", model, "--device", "cpu", *flags])  # no plugin, no refusal
+
+
+def test_plugin_served_pruned_checkpoint_refuses_eplb_and_indivisible_ep(tiny_models, tmp_path):
+    pruned = str(_prune_tiny(tiny_models, tmp_path, SPLIT_KEEP))
+    with pytest.raises(ValueError, match="a plugin-served pruned checkpoint cannot be served with --enable-eplb"):
+        prepare(["--model-path", pruned, "--device", "cpu", "--enable-eplb"])
+    with pytest.raises(ValueError, match="layer 2 keeps 5 experts, not a multiple of the expert-parallel size 2"):
+        prepare(["--model-path", pruned, "--device", "cpu", "--ep", "2"])
+    prepare(["--model-path", pruned, "--device", "cpu", "--init-expert-location", "trivial"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--attn-dp-size", "2"], "under DP attention (attention DP size 2); calibrate with --attn-dp-size 1"),
+    (["--dp-size", "2", "--enable-dp-attention"], "under DP attention (attention DP size 2)"),
+    (["--expert-parallel-size", "2"], "cannot record expert-parallel experts (EP size 2)"),
+    (["--startup-weight-load-mode=overlap"], OVERLAP_FIX),
+])
+def test_record_stats_refuses_dp_attention_ep_and_overlap(tiny_models, tmp_path, flags, message):
+    argv = ["--model-path", str(tiny_models["qwen3_moe"]), "--device", "cpu", "--record-stats", str(tmp_path)]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prepare(argv + flags)
+    prepare(argv + ["--dp-size", "2"])  # data-parallel replicas without DP attention are not refused
+
+
+def test_engine_keyword_arguments_are_checked_alike():
+    with pytest.raises(ValueError, match="attention DP size 2"):
+        check_settings({"attn_dp_size": 2}, tp_size=2, record_stats=True)
+    with pytest.raises(ValueError, match=re.escape(OVERLAP_FIX)):
+        check_settings({"startup_weight_load_mode": "overlap"}, tp_size=1, masked=True)
+    with pytest.raises(ValueError, match="invalid int value: 'two'; fix the SGLang argument"):
+        settings_from_cli(["--ep-size", "two"])

@@ -178,6 +178,28 @@ def test_every_selection_serves_and_keeps_its_count(top_k):
             ExpertMask.for_spec(spec, chosen, "random").resolve(spec)
 
 
+
+def test_multiple_of_moves_whole_chunks_and_keeps_groups_reachable():
+    spec = spec_from_config(qwen_config(num_experts_per_tok=1))
+    scores = torch.tensor([[6.0, 2, 1, 1], [30, 30, 20, 20]], dtype=torch.float64)  # as in the budget test
+    assert select_budget(scores, spec, 6, multiple_of=2) == {0: [0, 1], 1: [0, 1, 2, 3]}  # .2 + .2 > .1 + .1
+    with pytest.raises(ValueError, match="budget=5 is not a multiple of 2; use 4 or 6"):
+        select_budget(scores, spec, 5, multiple_of=2)
+    with pytest.raises(ValueError, match="keep=3 is not a multiple of 2; keep 2 or 4"):
+        select_uniform(scores, spec, 3, multiple_of=2)
+    assert keep_for_ratio(0.6, spec, multiple_of=2) == 2 and keep_for_ratio(1.0, spec, multiple_of=3) == 3
+    spec = spec_from_config(deepseek_config())  # 4 groups of 2, top-3 of topk_group 2
+    rng = random.Random(0)
+    for _ in range(100):
+        scores = torch.tensor([[rng.random() for _ in range(8)] for _ in range(2)], dtype=torch.float64)
+        budget = rng.choice([8, 10, 12, 14, 16])
+        varying = select_budget(scores, spec, budget, multiple_of=2)
+        assert sum(map(len, varying.values())) == budget
+        for chosen in (varying, select_uniform(scores, spec, 4, 2)):
+            assert all(len(ids) % 2 == 0 for ids in chosen.values())
+            ExpertMask.for_spec(spec, chosen, "random").resolve(spec)  # group reachability still holds
+        assert select_budget(scores, spec, budget - 1, multiple_of=1) == select_budget(scores, spec, budget - 1)
+
 def test_stats_merge_save_load_round_trip(tmp_path):
     spec = spec_from_config(qwen_config())
     merged = hand_stats().merge(hand_stats())
@@ -238,6 +260,10 @@ def test_cli_deepseek_keep_repairs_and_records_provenance(tmp_path, capsys):
     assert capsys.readouterr().out.startswith(f"easyep: wrote {out}: easy_ep over 1 stats file(s), mask on 2 of 2")
     main(["--stats", stats, "--keep-ratio", "0.5", "--model-path", str(model), "--out", str(out)])
     assert json.loads(out.read_text())["provenance"]["selection"] == {"keep_ratio": 0.5, "keep": 4}
+    main(["--stats", stats, "--budget", "10", "--multiple-of", "2", "--model-path", str(model), "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["provenance"]["selection"] == {"budget": 10, "multiple_of": 2}
+    assert sorted(len(ids) for ids in data["keep"].values()) == [4, 6]
 
 
 def test_cli_qwen_mixes_weighted_domains(tmp_path):

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import os
 
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR
+from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_RUN_DIR, ENV_STATS_DIR
 
-TESTED_SGLANG_VERSION = "0.5.23"
+TESTED_SGLANG_VERSION = "0.5.23"  # the launcher refuses another with masking flags unless --allow-untested-sglang
+loaded = False  # load_plugin ran in this process
 
 
 def load_plugin() -> None:
+    global loaded
+    loaded = True
+    if os.environ.get(ENV_RUN_DIR):
+        from easyep_sglang.sglang_plugin import fail_closed
+
+        fail_closed.install()
     if os.environ.get("SGLANG_USE_CPU_ENGINE") == "1":
         from easyep_sglang.sglang_plugin import cpu_compat
 

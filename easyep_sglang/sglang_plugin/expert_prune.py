@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.serving_plan import ServingPlan, serving_plan
 
 logger = logging.getLogger("easyep")
@@ -53,17 +54,22 @@ def _plan() -> ServingPlan:
 
 
 def _build_kept_experts_only(original, moe, *args, **kwargs):
-    from sglang.srt.runtime_context import get_flags
+    from sglang.srt.layers.moe.utils import has_per_rank_fused_shared_slots
+    from sglang.srt.runtime_context import get_flags, get_parallel
 
     bound = inspect.signature(original).bind(moe, *args, **kwargs)
     plan = _plan()
     spec, keep = plan.spec, plan.keep
     layer_id = bound.arguments["layer_id"]
     if layer_id in keep and not get_flags().moe.in_speculative_scope:
-        if bound.arguments.get("num_fused_shared_experts", 0) or bound.arguments["num_experts"] != spec.n_experts:
-            raise ValueError("--prune needs plain routed experts: add --disable-shared-experts-fusion "
-                             "and no EPLB redundant experts")
-        bound.arguments["num_experts"] = len(keep[layer_id])
+        # Shared-expert fusion puts the shared expert in slots after the routed ones (FusedMoE's weight loader).
+        fused = bound.arguments.get("num_fused_shared_experts", 0)
+        per_rank = fused and has_per_rank_fused_shared_slots(fused)
+        shared_slots = fused * get_parallel().moe_ep_size if per_rank else fused
+        if bound.arguments["num_experts"] != spec.n_experts + shared_slots:
+            raise ValueError(f"layer {layer_id} has {bound.arguments['num_experts']} expert slots for {spec.n_experts} "
+                             f"experts: --prune needs one slot per expert; drop EPLB's redundant experts")
+        bound.arguments["num_experts"] = len(keep[layer_id]) + shared_slots
     return original(*bound.args, **bound.kwargs)
 
 
@@ -89,6 +95,7 @@ def _renumber_expert_weights(original, model, weights, target_device):
 
 
 def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
+    from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.layers.moe.topk import TopK
 
     if runner.is_draft_worker:
@@ -96,11 +103,16 @@ def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
     plan = _plan()
     spec, keep = plan.spec, plan.keep
     device = next(runner.model.parameters()).device
+    fused = {m.layer_id: m.num_fused_shared_experts for m in runner.model.modules() if isinstance(m, FusedMoE)}
     for module in runner.model.modules():
         if isinstance(module, TopK) and module.layer_id in keep:
-            orig_to_new = torch.full((spec.n_experts,), -1, dtype=torch.int32)  # [E]
-            orig_to_new[list(keep[module.layer_id])] = torch.arange(len(keep[module.layer_id]), dtype=torch.int32)
+            kept, shared = len(keep[module.layer_id]), fused.get(module.layer_id, 0)
+            # The router writes a fused shared expert as id E + i; its slot follows the kept experts.
+            orig_to_new = torch.full((spec.n_experts + shared,), -1, dtype=torch.int32)  # [E + shared]
+            orig_to_new[list(keep[module.layer_id])] = torch.arange(kept, dtype=torch.int32)
+            orig_to_new[spec.n_experts:] = torch.arange(kept, kept + shared, dtype=torch.int32)
             setattr(module, ORIG_TO_NEW_ATTR, orig_to_new.to(device))
+            fail_closed.record_pruned([module.layer_id])
     kept = sum(len(ids) for ids in keep.values())
     source = "checkpoint pruned offline" if plan.pruned_on_disk else "pruned at load time"
     logger.info("easyep: %s: %d layers hold %d/%d experts", source, len(keep), kept, len(keep) * spec.n_experts)
@@ -113,4 +125,6 @@ def _to_local_expert_ids(topk_output, topk, *args, **kwargs):
     if not hasattr(topk_output, "_replace") or topk_output.format.name != "STANDARD":
         raise RuntimeError(f"--prune needs standard top-k output, got {topk_output.format.name}; "
                            "choose a MoE runner backend that routes outside its kernel (e.g. --moe-runner-backend triton)")
-    return topk_output._replace(topk_ids=orig_to_new[topk_output.topk_ids.long()].to(topk_output.topk_ids.dtype))
+    topk_ids = topk_output.topk_ids  # [T, k]; -1 marks a padded row (EP, CUDA-graph padding), kept as -1
+    local_ids = orig_to_new[topk_ids.clamp_min(0).long()].to(topk_ids.dtype)  # [T, k]
+    return topk_output._replace(topk_ids=torch.where(topk_ids < 0, topk_ids, local_ids))

@@ -14,6 +14,7 @@ import logging
 
 import torch
 
+from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.serving_plan import serving_plan
 from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec
 
@@ -41,11 +42,22 @@ def _after_load_model(_result, runner, *args, **kwargs) -> None:
     if expected - set(applied):
         raise RuntimeError(f"easyep: mask names layers {sorted(expected - set(applied))} but the model has no router there")
     kept = sum(len(keep.get(l, range(spec.n_experts))) for l in applied)
+    fail_closed.record_mask(keep, applied, kept)
     how = f"correction bias {PRUNED_BIAS:g}" if spec.router == ROUTER_SIGMOID_BIAS else "-inf router logits"
     logger.info(
-        "easyep: mask on %d layers, %d/%d experts kept (%s)",
-        len(applied), kept, len(applied) * spec.n_experts, how,
+        "easyep: mask on %d layers, %d/%d experts kept (%s)%s",
+        len(applied), kept, len(applied) * spec.n_experts, how, expert_placement_note(),
     )
+
+
+def expert_placement_note() -> str:
+    """With EPLB or a non-trivial expert placement, SGLang still places every logical expert."""
+    from sglang.srt.layers.moe.topk import is_expert_remapping_enabled
+    from sglang.srt.runtime_context import get_exec
+
+    if not is_expert_remapping_enabled() and get_exec().moe.ep_dispatch_algorithm is None:
+        return ""
+    return "; expert placement (EPLB) is on: masked experts are never chosen but still occupy physical expert slots"
 
 
 def apply_mask(model: torch.nn.Module, spec: MoESpec, keep: dict[int, tuple[int, ...]], layer_offset: int = 0) -> list[int]:

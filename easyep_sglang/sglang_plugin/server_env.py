@@ -6,6 +6,7 @@ Imports nothing from SGLang, so the launcher can use it before SGLang is importe
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,8 @@ ENV_MASK = "EASYEP_MASK"  # absolute path of the JSON mask the workers apply at 
 ENV_PRUNE = "EASYEP_PRUNE"  # "1": build only the kept experts (load-time pruning) instead of masking
 ENV_PRUNED_CHECKPOINT = "EASYEP_PRUNED_CHECKPOINT"  # "1": serve an offline-pruned checkpoint in its source routing space
 ENV_STATS_DIR = "EASYEP_STATS_DIR"  # set: the workers record calibration statistics and dump them here
+ENV_RUN_DIR = "EASYEP_RUN_DIR"  # set by serve.py: the workers check in and leave startup failures here
+PLUGIN_NAME = "easyep"  # our entry point in SGLang's sglang.srt.plugins group (pyproject.toml)
 CPU_SHIM_DIR = Path(__file__).parent / "cpu_shim"
 
 # Server arguments added on a CPU machine unless the user gave them. Keys are ServerArgs fields.
@@ -50,16 +53,25 @@ class ServerSetup:
 
 
 def gpu_available() -> bool:
-    import torch
+    """Whether the CUDA driver sees a device (what torch.cuda.is_available() asks it), or a ROCm device node exists.
 
-    return torch.cuda.is_available()
+    Asked through the driver library rather than torch: importing torch costs the launcher seconds, and the
+    server it then execs imports torch again."""
+    if Path("/dev/kfd").exists():
+        return True
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    count = ctypes.c_int(0)
+    return libcuda.cuInit(0) == 0 and libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
 def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: bool = False, base_env=None,
                  stats_dir: str | None = None, pruned_checkpoint: bool = False) -> ServerSetup:
     assert mask_path or not prune, "pruning needs a mask"
     env = dict(os.environ if base_env is None else base_env)
-    for key in (ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR):
+    for key in (ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR, ENV_RUN_DIR):
         env.pop(key, None)
     if mask_path:
         env[ENV_MASK] = str(Path(mask_path).resolve())

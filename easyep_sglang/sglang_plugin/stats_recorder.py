@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.server_env import ENV_STATS_DIR
 from easyep_sglang.spec import spec_from_model_path
 from easyep_sglang.stats import ExpertStats
@@ -148,6 +149,7 @@ def _after_load_model(_result, runner, *args, **kwargs) -> None:
         "recorder": __name__,
     }
     _recorder = _Recorder(stats, provenance, spec.top_k, experts.moe_tp_size, accumulate=experts.moe_tp_rank == 0)
+    fail_closed.report().recorder = True
     logger.info("easyep: calibration recorder on %d MoE layers (TP rank %d), dumps to %s",
                 len(blocks), experts.moe_tp_rank, os.environ[ENV_STATS_DIR])
 
@@ -155,11 +157,13 @@ def _after_load_model(_result, runner, *args, **kwargs) -> None:
 def _unsupported(server_args, blocks, n_experts: int) -> list[str]:
     from sglang.srt.layers.moe.topk import TopKOutputFormat
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
+    from sglang.srt.runtime_context import get_parallel
     from sglang.srt.utils.common import use_intel_amx_backend
 
     problems = []
-    if server_args.enable_dp_attention:
-        problems.append("DP attention is on; calibrate without --enable-dp-attention")
+    if get_parallel().attn_dp_enabled:  # resolved; the raw enable_dp_attention field is reset by then
+        problems.append(f"DP attention is on (attention DP size {get_parallel().attn_dp_size}); "
+                        "calibrate with --attn-dp-size 1")
     if server_args.enable_mixed_chunk:
         problems.append("mixed chunks put decode tokens into prefill batches; calibrate without --enable-mixed-chunk")
     narrow = [block.layer_id for block in blocks if block.experts.w13_weight.shape[0] < n_experts]

@@ -1,0 +1,97 @@
+"""SGLang settings that a mode of the plugin cannot serve, refused before SGLang starts.
+
+The settings are ServerArgs fields of SGLang 0.5.23, read from the launcher's pass-through arguments
+(`settings_from_cli`, the flag spellings and aliases of `arg_groups/fields/*.py`) or given as
+`sglang.Engine` keyword arguments. Settings inside an SGLang `--config` YAML file are not seen here.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from easyep_sglang.spec import MoESpec
+
+OVERLAP_FIX = "drop --startup-weight-load-mode overlap (the default, serial, loads before the mask is applied)"
+
+
+def settings_from_cli(argv: list[str]) -> dict:
+    """The ServerArgs fields the checks read, from launch_server arguments (others are ignored)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--enable-eplb", action="store_true")
+    parser.add_argument("--init-expert-location", default="trivial")
+    parser.add_argument("--ep-dispatch-algorithm")
+    parser.add_argument("--ep-num-redundant-experts", type=int, default=0)
+    parser.add_argument("--ep-size", "--expert-parallel-size", "--ep", type=int)
+    parser.add_argument("--moe-a2a-backend", default="none")
+    parser.add_argument("--attn-dp-size", "--attention-data-parallel-size", type=int, default=1)
+    parser.add_argument("--dp-size", "--data-parallel-size", type=int, default=1)
+    parser.add_argument("--enable-dp-attention", action="store_true")
+    parser.add_argument("--startup-weight-load-mode", default="serial")
+    try:
+        settings, _ = parser.parse_known_args(argv)
+    except argparse.ArgumentError as err:
+        raise ValueError(f"{err}; fix the SGLang argument") from None
+    return vars(settings)
+
+
+def ep_size_of(settings: dict, tp_size: int) -> int:
+    """SGLang's expert-parallel width: every all-to-all backend spans EP over the TP group
+    (`arg_groups/overrides.py`, `_a2a_ep_size`), else `--ep-size` (default 1)."""
+    if settings.get("moe_a2a_backend") not in (None, "none"):
+        return tp_size
+    return settings.get("ep_size") or 1
+
+
+def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None, pruned: str | None = None,
+                   keep: dict[int, tuple[int, ...]] | None = None, masked: bool = False,
+                   record_stats: bool = False) -> None:
+    """Raise ValueError naming the flag to change.
+
+    pruned: how the plugin serves only the kept experts ("--prune", "a plugin-served pruned checkpoint"),
+    with `keep` the kept ids of each pruned layer; masked: the plugin changes routing (mask or pruning).
+    """
+    if settings.get("startup_weight_load_mode") == "overlap" and (masked or pruned or record_stats):
+        # model_runner.finalize_startup_weight_load commits the real weights after load_model, over the
+        # masked correction bias; 0.5.23 also admits no MoE architecture to overlap loading.
+        raise ValueError(f"--startup-weight-load-mode overlap writes the weights after the easyep plugin has "
+                         f"set up routing; {OVERLAP_FIX}")
+    ep_size = ep_size_of(settings, tp_size)
+    if pruned:
+        _check_pruned(settings, ep_size, spec, pruned, keep or {})
+    if record_stats:
+        attn_dp = settings.get("attn_dp_size") or 1
+        if attn_dp == 1 and settings.get("enable_dp_attention"):
+            attn_dp = settings.get("dp_size") or 1  # the deprecated spelling of --attn-dp-size
+        if attn_dp > 1:
+            raise ValueError(f"--record-stats cannot record under DP attention (attention DP size {attn_dp}); "
+                             f"calibrate with --attn-dp-size 1")
+        if ep_size > 1:
+            raise ValueError(f"--record-stats cannot record expert-parallel experts (EP size {ep_size}); "
+                             f"calibrate without --ep-size and --moe-a2a-backend")
+
+
+def _check_pruned(settings: dict, ep_size: int, spec: MoESpec, pruned: str, keep: dict) -> None:
+    placement = [
+        ("--enable-eplb", settings.get("enable_eplb")),
+        ("--init-expert-location", settings.get("init_expert_location", "trivial") != "trivial"),
+        ("--ep-dispatch-algorithm", settings.get("ep_dispatch_algorithm") is not None),
+        ("--ep-num-redundant-experts", (settings.get("ep_num_redundant_experts") or 0) > 0),
+    ]
+    for flag, given in placement:
+        if given:
+            # select_experts maps logical ids to physical slots before the plugin's AFTER hook maps
+            # original ids to kept ones, so the id map would be applied to physical ids.
+            raise ValueError(f"{pruned} cannot be served with {flag}: SGLang maps experts to physical slots "
+                             f"before the plugin maps them to the kept experts; drop {flag}, or serve the full "
+                             f"model with --mask alone")
+    if ep_size == 1:
+        return
+    for layer, ids in sorted(keep.items()):
+        if len(ids) % ep_size:
+            low = len(ids) - len(ids) % ep_size
+            valid = [n for n in (low, low + ep_size) if spec.top_k <= n <= spec.n_experts]
+            raise ValueError(
+                f"layer {layer} keeps {len(ids)} experts, not a multiple of the expert-parallel size {ep_size} "
+                f"that FusedMoE splits them over; keep {' or '.join(map(str, valid)) or 'another count of'} experts "
+                f"in that layer (python -m easyep_sglang.select --multiple-of {ep_size}), or lower --ep-size"
+            )
