@@ -1,12 +1,12 @@
-"""Throughput sweep: a smoke-sized live sweep (full vs masked) and its rows, table and plot."""
+"""Throughput sweep: a smoke-sized live sweep and its rows, table and plot; the plan of every mode with the
+weight bytes it serves; what a pruned configuration's row records; the report over every mode."""
 
 import pytest
 
-from bench.sweep import Launch, ServerConfig, first_experts_mask, main, prepare_server
+from bench.sweep import MODES, Launch, ServerConfig, build_parser, first_experts_mask, main, plan_configs, prepare_server
 from bench.serving import server_pss_bytes
-from easyep_sglang.demo_model import build_tiny_model
-from easyep_sglang.mask import MaskError
-from easyep_sglang.report import read_rows
+from easyep_sglang.mask import ExpertMask, MaskError
+from easyep_sglang.report import provenance, read_rows
 from easyep_sglang.spec import spec_from_model_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -16,8 +16,8 @@ PROVENANCE = ("git_commit", "sglang_version", "device", "model", "model_fingerpr
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return build_tiny_model("deepseek_v3", tmp_path_factory.mktemp("sweep") / "deepseek_v3")
+def tiny(tiny_models):
+    return tiny_models["deepseek_v3"]
 
 
 def test_first_experts_mask_spreads_over_groups(tiny):
@@ -35,35 +35,60 @@ def test_pruned_modes_prepare_or_skip_with_a_reason(tiny, tmp_path):
     assert reason is None, reason
     assert spec_from_model_path(offline.model_path).n_experts == 8
     at_load, reason = prepare_server(ServerConfig("prune_load", 8, mask_path, 0), tiny, tmp_path)
-    assert at_load == Launch(tiny, mask_path, ("--prune",)) or (at_load is None and "--prune" in reason)
+    assert reason is None and at_load == Launch(tiny, mask_path, ("--prune",))
+    bad = tmp_path / "other-model.json"
+    first_experts_mask(spec_from_model_path(tiny), 8).save(bad)
+    bad.write_text(bad.read_text().replace('"n_experts": 16', '"n_experts": 32'))
+    skipped, reason = prepare_server(ServerConfig("prune_offline", 8, bad, 0), tiny, tmp_path)
+    assert skipped is None and "the offline pruner rejected it" in reason
+
+
+def test_every_mode_is_planned_with_the_weight_bytes_it_serves(tiny, tmp_path):
+    args = build_parser().parse_args(["--model-path", str(tiny), "--experts", "8", "--modes", *MODES])
+    configs = plan_configs(args, spec_from_model_path(tiny), tiny, tmp_path)
+    assert [(c.mode, c.experts) for c in configs] == [("full", 16), *((mode, 8) for mode in MODES[1:])]
+    full_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
+    weights = {c.mode: c.weight_bytes for c in configs}
+    assert full_bytes * 0.99 < weights["full"] == weights["masked"] < full_bytes  # masked: every expert loaded
+    assert weights["prune_load"] == weights["prune_offline"] < weights["full"] * 0.9
+    assert configs[0].mask_path is None and all(c.mask_path.name == "first-8.json" for c in configs[1:])
 
 
 def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
+    """The smallest live sweep: one server. The pruned modes' plans are checked above, their rows' mask facts
+    below, and every mode's table row in test_report_renders_every_setting_and_mode."""
     out = tmp_path / "sweep"
-    main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "masked", "prune_offline", "--inputs", "16",
-          "--outputs", "8", "--concurrency", "2", "--num-prompts", "4", "--omp-threads", "1", "--out-dir", str(out)])
-    rows = read_rows(out / "sweep.jsonl")
-    assert [(r["mode"], r["experts"]) for r in rows] == [("full", 16), ("masked", 8), ("prune_offline", 8)]
-    for row in rows:
-        missing = [key for key in PROVENANCE if key not in row]
-        assert not missing, missing
-        assert (row["input_len"], row["output_len"], row["concurrency"], row["completed"]) == (16, 8, 2, 4)
-        assert row["sglang_version"] == "0.5.23" and row["device"] == "cpu"
-        assert row["moe_kernel_path"].startswith("cpu/torch-native select_experts")
-        assert row["server_pss_bytes"] > 100e6 and row["output_throughput"] > 0 and row["server_cpu_s"] > 0
-    assert rows[0]["mask_digest"] is None and rows[1]["mask_digest"].startswith("sha256:")
-    assert rows[1]["experts_per_layer"] == {"min": 8, "max": 8, "mean": 8}
+    main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "--inputs", "16", "--outputs", "8",
+          "--concurrency", "2", "--num-prompts", "4", "--omp-threads", "1", "--out-dir", str(out)])
+    [row] = read_rows(out / "sweep.jsonl")
+    assert (row["mode"], row["experts"]) == ("full", 16)
+    missing = [key for key in PROVENANCE if key not in row]
+    assert not missing, missing
+    assert (row["input_len"], row["output_len"], row["concurrency"], row["completed"]) == (16, 8, 2, 4)
+    assert row["sglang_version"] == "0.5.23" and row["device"] == "cpu" and row["mask_digest"] is None
+    assert row["moe_kernel_path"].startswith("cpu/torch-native select_experts")
+    assert row["server_pss_bytes"] > 100e6 and row["output_throughput"] > 0 and row["server_cpu_s"] > 0
     full_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
-    pruned_bytes = sum(p.stat().st_size for p in (out / "pruned" / "first-8").glob("*.safetensors"))
-    assert full_bytes * 0.99 < rows[0]["weight_bytes"] == rows[1]["weight_bytes"] < full_bytes  # masked: all loaded
-    assert pruned_bytes * 0.99 < rows[2]["weight_bytes"] < pruned_bytes < full_bytes
+    assert full_bytes * 0.99 < row["weight_bytes"] < full_bytes
 
     table = (out / "sweep.md").read_text()
     assert table == capsys.readouterr().out.rstrip("\n") + "\n"
-    assert "| full | 16 |" in table and "(1.00x, 1.00x/CPU-s)" in table and "| masked | 8 |" in table
-    assert "| prune_offline | 8 |" in table and "Ratios to the full model" in table
+    assert "| full | 16 |" in table and "(1.00x, 1.00x/CPU-s)" in table and "Ratios to the full model" in table
     assert "16 in / 8 out" in table and "doubled" in table
     assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+@pytest.mark.servers("offline:deepseek_v3/whole")
+def test_pruned_rows_record_the_mask(servers, model_store):
+    """What a sweep row records of a masked or pruned configuration, against a served pruned checkpoint."""
+    server = servers.use("offline:deepseek_v3/whole")
+    mask, source = model_store.mask("deepseek_v3/whole"), model_store.model("deepseek_v3/fp32")  # it was pruned with
+    row = provenance(server.base_url, mask_path=mask, model_path=source)
+    assert row["mask_digest"] == ExpertMask.load(mask).digest() and row["mask_digest"].startswith("sha256:")
+    assert row["experts_per_layer"] == {"min": 8, "max": 8, "mean": 8}
+    assert row["served_model_path"] == str(server.model_path) and row["model"] == str(source)
+    assert row["model_fingerprint"] == spec_from_model_path(source).fingerprint
+    assert row["moe_kernel_path"].startswith("cpu/torch-native select_experts")
 
 
 def test_pss_of_no_processes_is_zero():

@@ -7,7 +7,7 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import ARCHS, RECORDING_ARGS, recording_server
+from conftest import ARCHS
 from easyep_sglang import calibrate, select
 from easyep_sglang.calibrate import Sample, ServerClient, collect
 from easyep_sglang.launch import prepare
@@ -16,6 +16,7 @@ from easyep_sglang.sglang_plugin.server_env import ENV_STATS_DIR
 from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
 from easyep_sglang.spec import spec_from_model_path
 from easyep_sglang.stats import ExpertStats
+from server_pool import witnessed_server
 
 PREFIX = "Q: What is 12 + 30? A: "
 # Repeats and shared prefixes: without the flush before every prefill the prefix cache would serve them.
@@ -50,19 +51,12 @@ def test_launcher_record_stats_flag(tiny_models, tmp_path):
     assert ENV_STATS_DIR not in env and "--disable-prefill-cuda-graph" not in argv
 
 
-def test_unsupported_setting_is_refused_at_load_time(tiny_models, tmp_path):
-    (tmp_path / "p.txt").write_text("hello\n")
-    with pytest.raises(SystemExit, match="calibrate without --enable-mixed-chunk"):
-        calibrate.main(["--model-path", str(tiny_models["qwen3_moe"]), "--prompts", str(tmp_path / "p.txt"), "--domain", "x",
-                        "--out", str(tmp_path / "s.safetensors"), "--enable-mixed-chunk"])
-
-
 @pytest.mark.parametrize("arch", ARCHS)
-def test_each_token_counted_once(servers, tiny_models_fp32, arch):
-    model = tiny_models_fp32[arch]
-    spec = spec_from_model_path(model)
-    server = recording_server(servers, model, *RECORDING_ARGS[arch])
-    tokenizer = AutoTokenizer.from_pretrained(model)
+@pytest.mark.servers("plain:{arch}/fp32")
+def test_each_token_counted_once(servers, arch):
+    server = servers.use(f"plain:{arch}/fp32")
+    spec = spec_from_model_path(server.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(server.model_path)
     samples = [Sample(tuple(tokenizer(text)["input_ids"])) for text in TEXTS]
     stats, _ = collect(ServerClient(server.base_url), server.stats_dir, samples, progress=False)
     total = sum(len(s.token_ids) for s in samples)
@@ -70,12 +64,12 @@ def test_each_token_counted_once(servers, tiny_models_fp32, arch):
     assert stats.frequency.sum(dim=1).tolist() == [total * spec.top_k] * len(spec.moe_layers)
 
 
-def test_decode_and_cached_tokens_are_not_counted(servers, tiny_models_fp32):
+@pytest.mark.servers("plain:deepseek_v3/fp32")
+def test_decode_and_cached_tokens_are_not_counted(servers):
     """What the driver guards against: the same prompt again is served from the prefix cache (not
     computed, so not counted), and decode steps are never counted."""
-    model = tiny_models_fp32["deepseek_v3"]
-    server = recording_server(servers, model, *RECORDING_ARGS["deepseek_v3"])
-    ids = AutoTokenizer.from_pretrained(model)(TEXTS[3])["input_ids"]
+    server = servers.use("plain:deepseek_v3/fp32")  # its prefix cache is on
+    ids = AutoTokenizer.from_pretrained(server.model_path)(TEXTS[3])["input_ids"]
     client = ServerClient(server.base_url)
     assert client.flush_cache()
     client.expert_record("start")
@@ -90,10 +84,11 @@ def test_decode_and_cached_tokens_are_not_counted(servers, tiny_models_fp32):
     assert stats.tokens.tolist() == [2 * len(ids) - again["cached_tokens"]] * 2
 
 
-def test_cli_against_running_server_and_mask_from_its_statistics(servers, tiny_models_fp32, tmp_path):
-    model = tiny_models_fp32["deepseek_v3"]
+@pytest.mark.servers("plain:deepseek_v3/fp32")
+def test_cli_against_running_server_and_mask_from_its_statistics(servers, tmp_path):
+    server = servers.use("plain:deepseek_v3/fp32")
+    model = server.model_path
     spec = spec_from_model_path(model)
-    server = recording_server(servers, model, *RECORDING_ARGS["deepseek_v3"])
     prompts = tmp_path / "math.jsonl"
     records = [{"text": "Q: 7 * 6 = ? A:"}, {"prompt": "Q: 120 / 4 = ? A:"}, {"messages": [{"role": "user", "content": "2+2?"}]},
                {"text": "Q: 1 + 1 = ? A:"}]
@@ -113,14 +108,13 @@ def test_cli_against_running_server_and_mask_from_its_statistics(servers, tiny_m
     select.main(["--stats", str(out), "--method", "easy_ep", "--keep", "8", "--model-path", str(model), "--out", str(mask)])
     keep = ExpertMask.load(mask).resolve(spec)
     assert set(keep) == set(spec.moe_layers) and all(len(ids) == 8 for ids in keep.values())
-    masked = servers.get(model, mask, ("--dtype", "float32"))
+    with witnessed_server(model, mask, ("--dtype", "float32"), tmp_path / "masked") as masked:
+        def workload():
+            for seed in range(3):
+                ServerClient(masked.base_url).generate([[1, *range(40, 70)]], [{"max_new_tokens": 60, "temperature": 1.0,
+                                                                                 "ignore_eos": True, "sampling_seed": seed}])
 
-    def workload():
-        for seed in range(3):
-            ServerClient(masked.base_url).generate([[1, *range(40, 70)]], [{"max_new_tokens": 60, "temperature": 1.0,
-                                                                             "ignore_eos": True, "sampling_seed": seed}])
-
-    counts = record_expert_counts(masked.base_url, masked.recorder_dir, workload)  # [num_layers, E]
+        counts = record_expert_counts(masked.base_url, masked.recorder_dir, workload)  # [num_layers, E]
     for layer, kept in keep.items():
         pruned = sorted(set(range(spec.n_experts)) - set(kept))
         assert counts[layer, pruned].sum() == 0, f"layer {layer}: pruned experts chosen {counts[layer].tolist()}"

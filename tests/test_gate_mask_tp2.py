@@ -1,20 +1,26 @@
-"""The mask holds in every tensor-parallel worker (TP=2 on the CPU, gloo)."""
+"""The mask holds in every tensor-parallel worker (TP=2 on the CPU, gloo).
+
+The TP=2 server also records calibration statistics; test_calibration_oracle.py checks them against
+transformers with the same mask, so the slowest server of the suite starts once.
+"""
 
 import re
 
+import pytest
+
 from conftest import generate
-from easyep_sglang.mask import ExpertMask
 from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
 from easyep_sglang.spec import spec_from_model_path
+from server_pool import MASKS
 
-KEEP = {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [0, 1, 4, 5, 8, 9, 12, 13]}
+TP2 = "tp2:deepseek_v3/tp2"
+KEEP = MASKS["deepseek_v3/tp2"]
 
 
-def test_mask_holds_on_both_tp_ranks(servers, tiny_models, tmp_path):
-    model = tiny_models["deepseek_v3"]
-    spec = spec_from_model_path(model)
-    ExpertMask.for_spec(spec, KEEP, "hand").save(tmp_path / "mask.json")
-    server = servers.get(model, tmp_path / "mask.json", ("--tp-size", "2"))
+@pytest.mark.servers(TP2)
+def test_mask_holds_on_both_tp_ranks(servers):
+    server = servers.use(TP2)
+    spec = spec_from_model_path(server.model_path)
 
     def workload():
         for prompt in ("Q: 12+30=? A:", "import os\n", "Permission is hereby granted"):

@@ -1,9 +1,9 @@
 """Serving only the surviving experts gives the same tokens and logprobs as the masked full model,
 pruned at load time (`--prune`) or offline (`python -m easyep_sglang.prune`).
 
-fp32 tiny models, greedy decoding, SGLang on the CPU. Masks cover uniform and per-layer-varying
-counts, whole groups and split groups. A checkpoint the pruner marks exact for stock engines is
-served with no plugin at all; the others through the plugin, in the source routing space.
+fp32 tiny models, greedy decoding, SGLang on the CPU. The masks (tests/server_pool.py) cover uniform and
+per-layer-varying counts, whole groups and split groups. A checkpoint the pruner marks exact for stock
+engines is served with no plugin at all; the others through the plugin, in the source routing space.
 """
 
 import json
@@ -11,34 +11,33 @@ import json
 import pytest
 
 from conftest import generate
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.prune import prune_checkpoint
 from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
 from easyep_sglang.spec import spec_from_model_path
+from server_pool import MASKS
 
 PROMPTS = ["Q: 37+48=? A:", "def add(a, b):\n    return", "The license grants you"]
 LOGPROB_TOL_FP32 = 1e-5
-
-MASKS = {  # (arch, name) -> (keep, the pruner's stock_engine verdict)
-    # DeepSeek tiny: 16 experts, groups of 4, top-4 of 2 groups.
-    ("deepseek_v3", "uniform-whole-groups"): ({1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15]}, "exact"),
-    ("deepseek_v3", "varying-split-groups"): ({1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8, 12]},
-                                              "plugin-only"),
-    # Qwen3 tiny: 16 experts, top-4, softmax, no groups.
-    ("qwen3_moe", "varying"): ({0: list(range(12)), 1: [1, 4, 6, 9, 11, 15], 2: list(range(3, 13))}, "plugin-only"),
+STOCK_ENGINE = {  # mask -> the pruner's verdict for stock engines
+    "deepseek_v3/whole": "exact",  # whole groups, the same count in every layer
+    "deepseek_v3/varying": "plugin-only",  # counts differ per layer
+    "qwen3_moe/varying": "plugin-only",
 }
+MASKED, PRUNED, OFFLINE = "mask:{mask}", "prune:{mask}", "offline:{mask}"
 
 
-@pytest.fixture(scope="module", params=sorted(MASKS), ids=lambda k: f"{k[0]}-{k[1]}")
-def case(request, tiny_models_fp32, tmp_path_factory):
-    arch, name = request.param
-    model = tiny_models_fp32[arch]
-    spec = spec_from_model_path(model)
-    folder = tmp_path_factory.mktemp(f"prune-{arch}-{name}")
-    keep, stock_engine = MASKS[arch, name]
-    ExpertMask.for_spec(spec, keep, name).save(folder / "mask.json")
-    return {"model": model, "mask": folder / "mask.json", "spec": spec, "keep": keep, "stock_engine": stock_engine,
-            "folder": folder}
+@pytest.fixture(scope="module", params=sorted(STOCK_ENGINE))
+def mask(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def keep(mask):
+    return MASKS[mask]
+
+
+def _outputs(servers, name, mask):
+    server = servers.use(name.format(mask=mask))
+    return server, [generate(server, p) for p in PROMPTS]
 
 
 def _assert_same_outputs(reference, candidate):
@@ -48,35 +47,49 @@ def _assert_same_outputs(reference, candidate):
         assert worst <= LOGPROB_TOL_FP32, f"logprobs differ by {worst:.2e}"
 
 
-def test_load_time_pruning_matches_the_mask(servers, case):
-    masked = [generate(servers.get(case["model"], case["mask"]), p) for p in PROMPTS]
-    pruned_server = servers.get(case["model"], case["mask"], ("--prune",))
-    pruned = [generate(pruned_server, p) for p in PROMPTS]
+@pytest.mark.servers(MASKED, PRUNED)
+def test_load_time_pruning_matches_the_mask(servers, mask, keep):
+    _, masked = _outputs(servers, MASKED, mask)
+    pruned_server, pruned = _outputs(servers, PRUNED, mask)
     _assert_same_outputs(masked, pruned)
     log = (pruned_server.recorder_dir / "server.log").read_text()
-    kept = sum(len(ids) for ids in case["keep"].values())
-    assert f"easyep: pruned at load time: {len(case['keep'])} layers hold {kept}/" in log
+    kept = sum(len(ids) for ids in keep.values())
+    assert f"easyep: pruned at load time: {len(keep)} layers hold {kept}/" in log
 
 
-def test_pruned_server_never_routes_to_pruned_experts(servers, case):
-    server = servers.get(case["model"], case["mask"], ("--prune",))
+@pytest.mark.servers(PRUNED)
+def test_pruned_server_never_routes_to_pruned_experts(servers, mask, keep):
+    server = servers.use(PRUNED.format(mask=mask))
+    n_experts = spec_from_model_path(server.model_path).n_experts
     counts = record_expert_counts(server.base_url, server.recorder_dir,
                                   lambda: [generate(server, p, 60, temperature=1.0) for p in PROMPTS])
-    for layer, kept in case["keep"].items():
-        pruned = sorted(set(range(case["spec"].n_experts)) - set(kept))
+    for layer, kept in keep.items():
+        pruned = sorted(set(range(n_experts)) - set(kept))
         assert counts[layer, pruned].sum() == 0 and counts[layer, kept].sum() > 0
 
 
-def test_offline_pruned_checkpoint_matches_the_mask(servers, case):
-    out = case["folder"] / "pruned"
-    prune_checkpoint(case["model"], case["mask"], out)
-    assert json.loads((out / "config.json").read_text())["easyep"]["stock_engine"] == case["stock_engine"]
-    masked = [generate(servers.get(case["model"], case["mask"]), p) for p in PROMPTS]
-    server = servers.get(out)
-    _assert_same_outputs(masked, [generate(server, p) for p in PROMPTS])
+@pytest.mark.servers(MASKED, OFFLINE)
+def test_offline_pruned_checkpoint_matches_the_mask(servers, mask, keep):
+    _, masked = _outputs(servers, MASKED, mask)
+    server, pruned = _outputs(servers, OFFLINE, mask)  # the pool pruned it with easyep_sglang.prune.prune_checkpoint
+    config = json.loads((server.model_path / "config.json").read_text())
+    assert config["easyep"]["stock_engine"] == STOCK_ENGINE[mask]
+    _assert_same_outputs(masked, pruned)
     log = (server.recorder_dir / "server.log").read_text()
-    if case["stock_engine"] == "exact":
+    if STOCK_ENGINE[mask] == "exact":
         assert "easyep: mask on" not in log, "an exact checkpoint is served by stock SGLang, no plugin"
     else:
-        kept = sum(len(ids) for ids in case["keep"].values())
-        assert f"easyep: checkpoint pruned offline: {len(case['keep'])} layers hold {kept}/" in log
+        kept = sum(len(ids) for ids in keep.values())
+        assert f"easyep: checkpoint pruned offline: {len(keep)} layers hold {kept}/" in log
+
+
+@pytest.mark.servers("mask:deepseek_v3/varying", "prune:deepseek_v3/varying+fusion")
+def test_load_time_pruning_with_shared_expert_fusion_matches_the_mask(servers):
+    """SGLang's GPU default for DeepSeek: the shared expert fused into the routed FusedMoE, which the router
+    chooses as id E and the weight loader places after the routed experts (forced on here)."""
+    _, masked = _outputs(servers, MASKED, "deepseek_v3/varying")
+    fused_server, fused = _outputs(servers, PRUNED + "+fusion", "deepseek_v3/varying")
+    _assert_same_outputs(masked, fused)
+    log = (fused_server.recorder_dir / "server.log").read_text()
+    assert "Shared experts fusion optimization is disabled" not in log
+    assert "easyep: pruned at load time: 2 layers hold 18/32 experts" in log

@@ -1,0 +1,285 @@
+"""The test session's SGLang servers, planned: each named server starts once, ahead of its first use, and
+stops after its last.
+
+A test names the servers it uses with `@pytest.mark.servers("mask:deepseek_v3/varying", "plain:{arch}/fp32")`;
+"{...}" is filled in from the test's parameters. After collection the pool knows the order of every use,
+so a thread starts the next servers (at most MAX_STARTING at a time, MAX_ALIVE alive, a TP=2 server counting
+twice) while earlier tests run, and a server is stopped, also in the background, as soon as the last test
+that named it has finished. A start costs about a minute of CPU (three Python processes importing SGLang),
+the suite's dominant cost: fewer servers, and the overlap, are what keep the suite short.
+
+Names are `kind:target`:
+  plain:MODEL    no mask; records calibration statistics (--record-stats) into `server.stats_dir`
+  mask:MASK      the mask's model with --mask             prune:MASK     --mask --prune
+  offline:MASK   the offline-pruned checkpoint of MASK     tp2:MASK       --mask --record-stats --tp-size 2
+A "+fusion" suffix adds --enforce-shared-experts-fusion (DeepSeek's shared expert fused into the routed
+experts, SGLang's default on GPUs).
+MODEL is "ARCH/fp32", "ARCH/bf16" (tiny models from easyep_sglang.demo_model) or "demo" (the shipped demo
+MoE); MASK is "ARCH/NAME" from MASKS, on the float32 tiny model. Every server of a tiny model gets
+MODEL_ARGS[ARCH], and every server records routing choices with SGLang's expert-distribution recorder into
+`server.recorder_dir`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from easyep_sglang.demo import DEMO_MODEL
+from easyep_sglang.demo_model import build_tiny_model
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.prune import prune_checkpoint
+from easyep_sglang.server_process import LaunchedServer
+from easyep_sglang.sglang_plugin.expert_distribution import RECORDER_DIR_ENV, RECORDER_SERVER_ARGS
+from easyep_sglang.spec import spec_from_model_path
+
+MAX_ALIVE = int(os.environ.get("EASYEP_TEST_MAX_SERVERS", "6"))  # ~2 GB each; fewer on a machine short of memory
+MAX_STARTING = int(os.environ.get("EASYEP_TEST_MAX_STARTING", "2"))
+STARTUP_TIMEOUT_S = 600  # several servers start at once on two cores
+
+# Tiny DeepSeek-V3: 16 experts in 4 groups of 4, top-4 of 2 groups. Tiny Qwen3-MoE: 16 experts, top-4, softmax.
+MASKS = {
+    # whole groups in every layer, the same count: an offline-pruned checkpoint is exact in stock engines
+    "deepseek_v3/whole": {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15]},
+    # counts differ per layer, groups split (layer 2: groups 2 and 3 keep one expert each, so they are unreachable)
+    "deepseek_v3/varying": {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8, 12]},
+    "qwen3_moe/varying": {0: list(range(12)), 1: [1, 4, 6, 9, 11, 15], 2: list(range(3, 13))},
+    # layer 1 keeps whole groups 0 and 2, layer 2 two experts of every group
+    "deepseek_v3/tp2": {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [0, 1, 4, 5, 8, 9, 12, 13]},
+    "deepseek_v3/all": "all",
+    "qwen3_moe/all": "all",
+}
+# Flags every server of a tiny model gets: DeepSeek prefills in chunks of 16 tokens with the prefix cache on,
+# Qwen in one chunk with the cache off, so calibration (and everything else) is checked under both.
+MODEL_ARGS = {"deepseek_v3": ("--chunked-prefill-size", "16"), "qwen3_moe": ("--disable-radix-cache",)}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    model: str  # "ARCH/DTYPE", "demo", or "offline/MASK"
+    mask: str | None = None
+    args: tuple[str, ...] = ()
+    record_stats: bool = False
+
+    @property
+    def weight(self) -> int:
+        """Memory and cores it takes, in servers: its TP size."""
+        return int(self.args[self.args.index("--tp-size") + 1]) if "--tp-size" in self.args else 1
+
+
+def server_spec(name: str) -> ServerSpec:
+    base, fusion, _ = name.partition("+fusion")
+    spec = _server_spec(base)
+    return dataclasses.replace(spec, args=(*spec.args, "--enforce-shared-experts-fusion")) if fusion else spec
+
+
+def _server_spec(name: str) -> ServerSpec:
+    kind, _, target = name.partition(":")
+    if kind == "plain":  # also records statistics: the calibration tests and the unmasked references share it
+        if target == "demo":
+            return ServerSpec(target, record_stats=True)
+        arch, dtype = target.split("/")
+        return ServerSpec(target, args=("--dtype", DTYPES[dtype], *MODEL_ARGS[arch]), record_stats=True)
+    if target not in MASKS:
+        raise KeyError(f"unknown test mask {target!r}; known: {', '.join(MASKS)}")
+    arch = target.split("/")[0]
+    args = ("--dtype", "float32", *MODEL_ARGS[arch])
+    return {
+        # an all-keep mask records too, so it differs from its plain: server by the mask alone
+        "mask": ServerSpec(f"{arch}/fp32", target, args, record_stats=MASKS[target] == "all"),
+        "prune": ServerSpec(f"{arch}/fp32", target, (*args, "--prune")),
+        "offline": ServerSpec(f"offline/{target}", None, args),
+        "tp2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True),
+    }[kind]
+
+
+def witnessed_server(model: Path, mask: Path | None, args: tuple[str, ...], workdir: Path,
+                     record_stats: bool = False) -> LaunchedServer:
+    """A (not yet started) server with SGLang's expert-distribution recorder dumping into `workdir`
+    (`server.recorder_dir`) and, with `record_stats`, our statistics recorder into `server.stats_dir`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    extra = (*RECORDER_SERVER_ARGS, *args, *(("--record-stats", str(workdir / "stats")) if record_stats else ()))
+    server = LaunchedServer(model, mask=mask, extra_args=list(extra), env={RECORDER_DIR_ENV: str(workdir)},
+                            log_path=workdir / "server.log", startup_timeout=STARTUP_TIMEOUT_S)
+    server.model_path, server.mask_path = model, mask
+    server.recorder_dir, server.stats_dir = workdir, workdir / "stats"
+    return server
+
+
+class ModelStore:
+    """Tiny checkpoints, test masks and offline-pruned checkpoints, each built once, on first request."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self._lock = threading.RLock()
+        self._built: dict[str, Path] = {}
+
+    def model(self, key: str) -> Path:
+        """"ARCH/DTYPE", "demo" or "offline/MASK" -> a model directory."""
+        if key == "demo":
+            return Path(str(DEMO_MODEL))
+        with self._lock:
+            if key not in self._built:
+                self._built[key] = self._build(key)
+            return self._built[key]
+
+    def mask(self, name: str) -> Path:
+        with self._lock:
+            if f"mask/{name}" not in self._built:
+                arch = name.split("/")[0]
+                spec = spec_from_model_path(self.model(f"{arch}/fp32"))
+                keep = MASKS[name]
+                if keep == "all":
+                    keep = {layer: range(spec.n_experts) for layer in spec.moe_layers}
+                path = self.root / "masks" / f"{name.replace('/', '-')}.json"
+                ExpertMask.for_spec(spec, keep, name).save(path)
+                self._built[f"mask/{name}"] = path
+            return self._built[f"mask/{name}"]
+
+    def _build(self, key: str) -> Path:
+        out = self.root / key.replace("/", "-")
+        if key.startswith("offline/"):
+            mask = key.removeprefix("offline/")
+            prune_checkpoint(self.model(f"{mask.split('/')[0]}/fp32"), self.mask(mask), out)
+            return out
+        arch, dtype = key.split("/")
+        return build_tiny_model(arch, out, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+
+
+class ServerPool:
+    def __init__(self, store: ModelStore, root: Path, plan: list[list[str]]):
+        self.store, self.root = store, root
+        self.uses: dict[str, list[int]] = {}  # name -> indices of the tests (in run order) that use it
+        for index, names in enumerate(plan):
+            for name in names:
+                self.uses.setdefault(name, []).append(index)
+        self.position = 0  # index of the running test
+        self.servers: dict[str, LaunchedServer] = {}  # started or starting
+        self.ready: dict[str, threading.Event] = {}
+        self.errors: dict[str, BaseException] = {}
+        self.startup_s: list[tuple[str, float]] = []  # (name, seconds from spawn to healthy), in start order
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stoppers: list[threading.Thread] = []
+        self._thread = threading.Thread(target=self._start_ahead, name="server-pool", daemon=True)
+        self._thread.start()
+
+    # --- called by the tests and the pytest hooks -------------------------------------------------------
+    def use(self, name: str) -> LaunchedServer:
+        """The running server `name`, started now if it was not started ahead."""
+        with self._cond:
+            self.uses.setdefault(name, []).append(self.position)
+            if name not in self.servers:
+                self._make_room(server_spec(name).weight)
+                self._launch(name)
+            event = self.ready[name]
+        event.wait()
+        if name in self.errors:
+            raise RuntimeError(f"test server {name} did not start: {self.errors[name]}")
+        return self.servers[name]
+
+    def enter(self, index: int) -> None:
+        with self._cond:
+            self.position = index
+            self._cond.notify_all()
+
+    def leave(self, index: int) -> None:
+        """After test `index`: stop every server no later test uses."""
+        with self._cond:
+            self.position = index + 1
+            for name in [n for n in self.servers if self._next_use(n, self.position) is None]:
+                self._stop(name)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for name in list(self.servers):
+                self._stop(name)
+            self._cond.notify_all()
+        for thread in self._stoppers:
+            thread.join()
+
+    def summary(self) -> str:
+        if not self.startup_s:
+            return "test servers: none started"
+        times = sorted(seconds for _, seconds in self.startup_s)
+        return (f"test servers: {len(times)} started, {sum(times):.0f} s of start-up in all "
+                f"(min {times[0]:.0f} s, median {times[len(times) // 2]:.0f} s, max {times[-1]:.0f} s); "
+                f"failed: {sorted(self.errors) or 'none'}")
+
+    # --- internals, under self._cond ----------------------------------------------------------------------
+    def _next_use(self, name: str, after: int) -> int | None:
+        return next((i for i in self.uses.get(name, ()) if i >= after), None)
+
+    def _load(self) -> int:
+        return sum(server_spec(n).weight for n in self.servers)
+
+    def _make_room(self, weight: int) -> None:
+        """Stop the ready servers used furthest in the future (none the running test uses) until `weight` more fits."""
+        while self._load() + weight > MAX_ALIVE:
+            candidates = [n for n in self.servers if self.ready[n].is_set() and self.position not in self.uses[n]]
+            if not candidates:
+                return  # everything alive is still starting or in use: run over the limit rather than wait
+            far = max(candidates, key=lambda n: self._next_use(n, self.position) or 10**9)
+            self._stop(far)
+
+    def _launch(self, name: str) -> None:
+        spec = server_spec(name)
+        model = self.store.model(spec.model)
+        mask = self.store.mask(spec.mask) if spec.mask else None
+        server = witnessed_server(model, mask, spec.args, self.root / name.replace("/", "-").replace(":", "-"),
+                                  spec.record_stats)
+        server.name = name
+        self.servers[name], self.ready[name] = server, threading.Event()
+        # Spawned here, in the pool's thread or the tests' main thread, which live as long as the server: the
+        # kernel stops a server whose spawning thread exits. A short-lived thread only waits for health.
+        began = time.monotonic()
+        server.spawn()
+        threading.Thread(target=self._wait_healthy, args=(name, server, self.ready[name], began), name=f"start {name}",
+                         daemon=True).start()
+
+    def _wait_healthy(self, name: str, server: LaunchedServer, ready: threading.Event, began: float) -> None:
+        try:
+            server.wait_until_healthy()
+            failure = None
+        except BaseException as err:  # reported to the test that uses it
+            failure = err
+        with self._cond:
+            if self.servers.get(name) is server:  # not stopped meanwhile (the session ending)
+                self.startup_s.append((name, time.monotonic() - began))
+                if failure:
+                    self.errors[name] = failure
+            ready.set()
+            self._cond.notify_all()
+
+    def _stop(self, name: str) -> None:
+        server = self.servers.pop(name)
+        self.ready.pop(name)
+        self.errors.pop(name, None)
+        thread = threading.Thread(target=server.stop, name=f"stop {name}", daemon=True)
+        thread.start()
+        self._stoppers.append(thread)
+
+    def _start_ahead(self) -> None:
+        with self._cond:
+            while not self._closed:
+                starting = sum(1 for n in self.servers if not self.ready[n].is_set())
+                upcoming = sorted((i, n) for n in self.uses if n not in self.servers
+                                  if (i := self._next_use(n, self.position)) is not None)
+                if upcoming and starting < MAX_STARTING:
+                    name = upcoming[0][1]
+                    if self._load() + server_spec(name).weight <= MAX_ALIVE:
+                        try:
+                            self._launch(name)
+                        except Exception as err:  # e.g. a model that fails to build: the test reports it
+                            print(f"server pool: cannot start {name}: {err}", file=sys.stderr)
+                            self.uses.pop(name)
+                        continue
+                self._cond.wait(timeout=1.0)
