@@ -7,15 +7,32 @@ about their start-up times at the end of the session.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import pkgutil
 import urllib.request
 
 import pytest
 
+from easyep_sglang.calibrate import ServerClient, flush_prefix_cache
 from server_pool import ModelStore, ServerPool
 
 ARCHS = ("deepseek_v3", "qwen3_moe")
 POOL = pytest.StashKey[ServerPool]()
+
+
+SERVED_MODEL_MODULES = {"deepseek_v2", "deepseek_nextn", "qwen2_moe", "qwen3_moe"}  # sglang.srt.models.*
+
+
+def _other_model_modules() -> str:
+    """SGLang's other model modules. Every scheduler imports all ~250 of them to fill its model registry (about
+    3 CPU-seconds per server start); SGLang's own SGLANG_DISABLED_MODEL_ARCHS skips them."""
+    models = importlib.util.find_spec("sglang.srt.models").submodule_search_locations
+    return ",".join(m.name for m in pkgutil.iter_modules(models) if m.name not in SERVED_MODEL_MODULES)
+
+
+os.environ.setdefault("SGLANG_DISABLED_MODEL_ARCHS", _other_model_modules())  # inherited by every server tests start
 
 
 def pytest_configure(config):
@@ -78,3 +95,13 @@ def generate(server, prompt: str, max_new_tokens: int = 24, temperature: float =
         out = json.loads(resp.read())
     logprobs = out["meta_info"]["output_token_logprobs"]  # [(logprob, token_id, text)]
     return {"text": out["text"], "token_ids": [t[1] for t in logprobs], "logprobs": [t[0] for t in logprobs]}
+
+
+def greedy(server, prompts: list[str]) -> list[dict]:
+    """generate() of each prompt from an empty prefix cache, so that tokens and logprobs do not depend on what
+    the (shared) server served before: a cached prefix changes the prefill's chunks, and fp32 rounding."""
+    outputs = []
+    for prompt in prompts:
+        flush_prefix_cache(ServerClient(server.base_url))
+        outputs.append(generate(server, prompt))
+    return outputs

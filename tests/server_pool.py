@@ -91,8 +91,7 @@ def _server_spec(name: str) -> ServerSpec:
     arch = target.split("/")[0]
     args = ("--dtype", "float32", *MODEL_ARGS[arch])
     return {
-        # an all-keep mask records too, so it differs from its plain: server by the mask alone
-        "mask": ServerSpec(f"{arch}/fp32", target, args, record_stats=MASKS[target] == "all"),
+        "mask": ServerSpec(f"{arch}/fp32", target, args),
         "prune": ServerSpec(f"{arch}/fp32", target, (*args, "--prune")),
         "offline": ServerSpec(f"offline/{target}", None, args),
         "tp2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True),

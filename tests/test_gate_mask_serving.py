@@ -10,7 +10,7 @@ import re
 import openai
 import pytest
 
-from conftest import ARCHS, generate
+from conftest import ARCHS, generate, greedy
 from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
 from easyep_sglang.spec import spec_from_model_path
 from server_pool import MASKS
@@ -34,10 +34,6 @@ def spec(arch, tiny_models_fp32):
     return spec_from_model_path(tiny_models_fp32[arch])
 
 
-def _greedy(server):
-    return [generate(server, p) for p in PROMPTS]
-
-
 def _sampled_workload(server):
     def run():
         for prompt in PROMPTS:
@@ -51,8 +47,8 @@ def _use(servers, name, arch):
 
 @pytest.mark.servers(PLAIN, ALL_KEEP)
 def test_all_keep_mask_is_identical_to_no_mask(servers, arch):
-    plain = _greedy(_use(servers, PLAIN, arch))
-    all_keep = _greedy(_use(servers, ALL_KEEP, arch))
+    plain = greedy(_use(servers, PLAIN, arch), PROMPTS)
+    all_keep = greedy(_use(servers, ALL_KEEP, arch), PROMPTS)
     assert [o["token_ids"] for o in all_keep] == [o["token_ids"] for o in plain]
     assert [o["logprobs"] for o in all_keep] == [o["logprobs"] for o in plain]
 
@@ -85,8 +81,8 @@ def test_witness_sees_the_pruned_experts_without_the_mask(servers, arch, keep, s
 
 @pytest.mark.servers(PLAIN, MASKED)
 def test_mask_changes_greedy_output(servers, arch):
-    plain = _greedy(_use(servers, PLAIN, arch))
-    masked = _greedy(_use(servers, MASKED, arch))
+    plain = greedy(_use(servers, PLAIN, arch), PROMPTS)
+    masked = greedy(_use(servers, MASKED, arch), PROMPTS)
     assert [o["logprobs"] for o in masked] != [o["logprobs"] for o in plain]
 
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import generate
+from conftest import generate, greedy
 from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
 from easyep_sglang.spec import spec_from_model_path
 from server_pool import MASKS
@@ -37,7 +37,7 @@ def keep(mask):
 
 def _outputs(servers, name, mask):
     server = servers.use(name.format(mask=mask))
-    return server, [generate(server, p) for p in PROMPTS]
+    return server, greedy(server, PROMPTS)
 
 
 def _assert_same_outputs(reference, candidate):
