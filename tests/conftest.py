@@ -7,32 +7,21 @@ about their start-up times at the end of the session.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pkgutil
 import urllib.request
 
 import pytest
 
+from bench.server_startup import other_model_modules
 from easyep_sglang.calibrate import ServerClient, flush_prefix_cache
 from server_pool import ModelStore, ServerPool
 
 ARCHS = ("deepseek_v3", "qwen3_moe")
 POOL = pytest.StashKey[ServerPool]()
-
-
-SERVED_MODEL_MODULES = {"deepseek_v2", "deepseek_nextn", "qwen2_moe", "qwen3_moe"}  # sglang.srt.models.*
-
-
-def _other_model_modules() -> str:
-    """SGLang's other model modules. Every scheduler imports all ~250 of them to fill its model registry (about
-    3 CPU-seconds per server start); SGLang's own SGLANG_DISABLED_MODEL_ARCHS skips them."""
-    models = importlib.util.find_spec("sglang.srt.models").submodule_search_locations
-    return ",".join(m.name for m in pkgutil.iter_modules(models) if m.name not in SERVED_MODEL_MODULES)
-
-
-os.environ.setdefault("SGLANG_DISABLED_MODEL_ARCHS", _other_model_modules())  # inherited by every server tests start
+# A scheduler imports all ~250 SGLang model modules, and what they import, to fill its model registry; SGLang's own
+# SGLANG_DISABLED_MODEL_ARCHS skips the unrelated ones in every server the tests start (python -m bench.server_startup).
+os.environ.setdefault("SGLANG_DISABLED_MODEL_ARCHS", other_model_modules())
 
 
 def pytest_configure(config):

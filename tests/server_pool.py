@@ -120,7 +120,7 @@ class ModelStore:
         self._built: dict[str, Path] = {}
 
     def model(self, key: str) -> Path:
-        """"ARCH/DTYPE", "demo" or "offline/MASK" -> a model directory."""
+        """The model directory of "ARCH/DTYPE", "demo" or "offline/MASK"."""
         if key == "demo":
             return Path(str(DEMO_MODEL))
         with self._lock:
@@ -148,7 +148,7 @@ class ModelStore:
             prune_checkpoint(self.model(f"{mask.split('/')[0]}/fp32"), self.mask(mask), out)
             return out
         arch, dtype = key.split("/")
-        return build_tiny_model(arch, out, dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+        return build_tiny_model(arch, out, dtype=DTYPES[dtype])
 
 
 class ServerPool:
@@ -217,6 +217,11 @@ class ServerPool:
     def _next_use(self, name: str, after: int) -> int | None:
         return next((i for i in self.uses.get(name, ()) if i >= after), None)
 
+    def _distance(self, name: str) -> float:
+        """Tests until `name` is used again; infinite if never."""
+        following = self._next_use(name, self.position)
+        return float("inf") if following is None else following - self.position
+
     def _load(self) -> int:
         return sum(server_spec(n).weight for n in self.servers)
 
@@ -226,8 +231,7 @@ class ServerPool:
             candidates = [n for n in self.servers if self.ready[n].is_set() and self.position not in self.uses[n]]
             if not candidates:
                 return  # everything alive is still starting or in use: run over the limit rather than wait
-            far = max(candidates, key=lambda n: self._next_use(n, self.position) or 10**9)
-            self._stop(far)
+            self._stop(max(candidates, key=self._distance))
 
     def _launch(self, name: str) -> None:
         spec = server_spec(name)
