@@ -22,6 +22,7 @@ from easyep_sglang.launch_checks import check_settings, settings_from_cli
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
 from easyep_sglang.sglang_plugin import TESTED_SGLANG_VERSION
+from easyep_sglang.sglang_plugin.server_args_check import check_server_arguments
 from easyep_sglang.sglang_plugin.server_env import PLUGIN_NAME, gpu_available, server_setup
 from easyep_sglang.spec import spec_from_model_path
 
@@ -44,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/easyep_stats_<unix ns>.safetensors (see python -m easyep_sglang.calibrate)")
     parser.add_argument("--device", help="passed to SGLang; 'cpu' (or no GPU present) turns on the CPU work-arounds")
     parser.add_argument("--tp-size", "--tp", dest="tp_size", type=int, default=1, help="passed to SGLang")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the model, the mask and every argument (SGLang's own parser included), print "
+                        "the server command, and exit without starting it")
     parser.add_argument("--allow-untested-sglang", action="store_true",
                         help=f"serve a mask, pruning or the recorder with an SGLang other than {TESTED_SGLANG_VERSION}; "
                         "every worker is still checked before the server serves")
@@ -106,12 +110,18 @@ def check_plugin_will_run(env: dict[str, str], allow_untested: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         server_argv, env = prepare(argv)
+        dry_run = build_parser().parse_known_args(argv)[0].dry_run
+        if dry_run:
+            check_server_arguments(server_argv)
     except (MaskError, ValueError, FileNotFoundError) as err:
         print(f"easyep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     # SGLang's launch_server, in a process that stops the server when a worker fails to start (serve.py)
     command = [sys.executable, "-m", "easyep_sglang.sglang_plugin.serve", *server_argv]
     print("easyep: " + " ".join(command), file=sys.stderr, flush=True)
+    if dry_run:
+        print("easyep: dry run: every check passed; not starting the server", file=sys.stderr)
+        return
     os.execve(sys.executable, command, env)  # same PID: whoever started us can stop the server
 
 

@@ -12,6 +12,10 @@ import argparse
 from easyep_sglang.spec import MoESpec
 
 OVERLAP_FIX = "drop --startup-weight-load-mode overlap (the default, serial, loads before the mask is applied)"
+# MoE runner backends whose TopK hands the kernel raw router logits (TopKOutputFormat BYPASSED or
+# TRITON_KERNEL, layers/moe/topk.py bind_runner_backend): the kernel picks the experts, so chosen ids never
+# pass through the plugin's renumbering. "auto" is checked again when the model is loaded (expert_prune.py).
+KERNEL_ROUTING_BACKENDS = ("triton_kernel", "flashinfer_trtllm", "experimental_sgl_trtllm", "flashinfer_mxfp4")
 
 
 def settings_from_cli(argv: list[str]) -> dict:
@@ -27,6 +31,7 @@ def settings_from_cli(argv: list[str]) -> dict:
     parser.add_argument("--dp-size", "--data-parallel-size", type=int, default=1)
     parser.add_argument("--enable-dp-attention", action="store_true")
     parser.add_argument("--startup-weight-load-mode", default="serial")
+    parser.add_argument("--moe-runner-backend", default="auto")
     try:
         settings, _ = parser.parse_known_args(argv)
     except argparse.ArgumentError as err:
@@ -84,8 +89,16 @@ def _check_pruned(settings: dict, ep_size: int, spec: MoESpec, pruned: str, keep
             raise ValueError(f"{pruned} cannot be served with {flag}: SGLang maps experts to physical slots "
                              f"before the plugin maps them to the kept experts; drop {flag}, or serve the full "
                              f"model with --mask alone")
-    if ep_size == 1:
-        return
+    backend = settings.get("moe_runner_backend")
+    if backend in KERNEL_ROUTING_BACKENDS:
+        raise ValueError(f"{pruned} cannot be served with --moe-runner-backend {backend}, which picks experts inside "
+                         f"its kernel where they cannot be renumbered; use --moe-runner-backend triton, or serve the "
+                         f"full model with --mask alone")
+    if ep_size > 1:
+        _check_expert_parallel(settings, ep_size, spec, pruned, keep)
+
+
+def _check_expert_parallel(settings: dict, ep_size: int, spec: MoESpec, pruned: str, keep: dict) -> None:
     for layer, ids in sorted(keep.items()):
         if len(ids) % ep_size:
             low = len(ids) - len(ids) % ep_size
@@ -95,3 +108,12 @@ def _check_pruned(settings: dict, ep_size: int, spec: MoESpec, pruned: str, keep
                 f"that FusedMoE splits them over; keep {' or '.join(map(str, valid)) or 'another count of'} experts "
                 f"in that layer (python -m easyep_sglang.select --multiple-of {ep_size}), or lower --ep-size"
             )
+    backend = settings.get("moe_a2a_backend")
+    counts = sorted({len(keep.get(layer, range(spec.n_experts))) for layer in spec.moe_layers})
+    if backend not in (None, "none") and len(counts) > 1:
+        # FusedMoE hands its expert count to the all-to-all dispatcher (fused_moe_triton/layer.py, MoeRunnerConfig),
+        # and DeepEP sizes its one buffer per process by the first layer's count (token_dispatcher/deepep.py).
+        raise ValueError(f"{pruned} cannot be served with --moe-a2a-backend {backend} while MoE layers hold different "
+                         f"expert counts ({', '.join(map(str, counts))}): the dispatch buffer is sized once, for the "
+                         f"first layer; keep the same count in every MoE layer (python -m easyep_sglang.select --keep M "
+                         f"--multiple-of {ep_size}), or drop --moe-a2a-backend")

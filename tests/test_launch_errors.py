@@ -128,6 +128,8 @@ SPLIT_KEEP = {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8]}  
                          "--multiple-of 4), or lower --ep-size", True),
     (["--moe-a2a-backend", "deepep", "--tp", "2"], "size 2 that FusedMoE splits them over; keep 4 or 6", True),
     (["--startup-weight-load-mode", "overlap"], OVERLAP_FIX, False),
+    (["--moe-runner-backend", "flashinfer_trtllm"], "--prune cannot be served with --moe-runner-backend "
+                                                    "flashinfer_trtllm, which picks experts inside its kernel", True),
 ])
 def test_prune_refuses_expert_placement_indivisible_ep_and_overlap(tiny_models, tmp_path, flags, refused, mask_ok):
     model = str(tiny_models["deepseek_v3"])
@@ -147,6 +149,18 @@ def test_plugin_served_pruned_checkpoint_refuses_eplb_and_indivisible_ep(tiny_mo
     with pytest.raises(ValueError, match="layer 2 keeps 5 experts, not a multiple of the expert-parallel size 2"):
         prepare(["--model-path", pruned, "--device", "cpu", "--ep", "2"])
     prepare(["--model-path", pruned, "--device", "cpu", "--init-expert-location", "trivial"])
+
+
+def test_all_to_all_dispatch_needs_one_expert_count_in_every_layer(tiny_models, tmp_path):
+    model = str(tiny_models["deepseek_v3"])
+    varying = _write(tmp_path / "varying.json", {"keep": {"1": list(range(12)), "2": list(range(8))}})
+    uniform = _write(tmp_path / "uniform.json", {"keep": {"1": list(range(8)), "2": list(range(8, 16))}})
+    a2a = ["--moe-a2a-backend", "deepep", "--tp", "2"]
+    with pytest.raises(ValueError, match="--prune cannot be served with --moe-a2a-backend deepep while MoE layers "
+                                         r"hold different expert counts \(8, 12\)"):
+        prepare(["--model-path", model, "--mask", str(varying), "--prune", "--device", "cpu", *a2a])
+    prepare(["--model-path", model, "--mask", str(uniform), "--prune", "--device", "cpu", *a2a])
+    prepare(["--model-path", model, "--mask", str(varying), "--device", "cpu", *a2a])  # a mask builds every expert
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -1,5 +1,6 @@
 """The plugin's worker-side code on real SGLang objects, with a published SGLang config and no server:
-padded rows under --prune (topk id -1), the EPLB note of the mask's log line, the recorder's DP-attention check."""
+padded rows under --prune (topk id -1), --prune under a MoE runner that routes inside its kernel, the EPLB note
+of the mask's log line, the recorder's DP-attention check."""
 
 import json
 import logging
@@ -49,6 +50,16 @@ def test_padded_rows_keep_topk_id_minus_one_under_prune(worker):
     local = expert_prune._to_local_expert_ids(out, topk).topk_ids  # [T, k]
     assert (local[4:] == -1).all(), "a padded row was mapped to the last kept expert"
     assert torch.equal(torch.tensor(KEPT)[local[:4].long()], out.topk_ids[:4].long())
+
+
+def test_prune_refuses_a_runner_backend_that_routes_inside_its_kernel(worker):
+    """SGLang binds the TopK to its experts' runner backend; triton_kernel (like flashinfer_trtllm on Blackwell,
+    which --moe-runner-backend auto may pick) hands the kernel raw logits, so no chosen id reaches the plugin."""
+    from sglang.srt.layers.moe.utils import MoeRunnerBackend
+
+    worker.model.topk.bind_runner_backend(MoeRunnerBackend.TRITON_KERNELS, routing_method_type=None)
+    with pytest.raises(RuntimeError, match="routes inside its kernel .TRITON_KERNEL top-k output.*--moe-runner-backend triton"):
+        expert_prune._attach_id_maps(None, worker)
 
 
 def test_mask_log_line_says_pruned_experts_keep_their_physical_slots_under_eplb(worker, caplog):

@@ -1,4 +1,5 @@
-"""launch/ recipes: every script parses and goes through our launcher; the CPU demo really serves."""
+"""launch/ recipes: every script parses and goes through our launcher; each GPU recipe passes every check on a
+tiny model of its architecture (--dry-run); the CPU demo really serves."""
 
 import os
 import socket
@@ -29,6 +30,30 @@ def test_gpu_script_refuses_to_start_without_a_model(script):
     proc = subprocess.run(["bash", str(LAUNCH / script)], capture_output=True, text=True,
                           env={"PATH": os.environ["PATH"]})
     assert proc.returncode != 0 and "set MODEL" in proc.stderr
+
+
+GPU_RECIPE_MODES = [("deepseek_r1_8xh200.sh", "mask"), ("deepseek_r1_8xh200.sh", "pruned"),
+                    ("deepseek_r1_8xh100.sh", "prune-load"), ("deepseek_r1_8xh100.sh", "pruned"),
+                    ("qwen3_30b_a3b_1gpu.sh", "mask"), ("qwen3_30b_a3b_1gpu.sh", "prune-load"),
+                    ("qwen3_30b_a3b_1gpu.sh", "pruned")]
+
+
+@pytest.mark.parametrize("script, mode", GPU_RECIPE_MODES)
+def test_gpu_recipe_passes_every_check_on_a_tiny_model_of_its_architecture(script, mode, model_store, tmp_path):
+    """The recipe as written, with --dry-run --device cuda appended: the capacity plan, the offline pruner where
+    the mode prunes, the mask and settings checks, and SGLang's own argument parser over the final command."""
+    arch = "qwen3_moe" if script.startswith("qwen") else "deepseek_v3"
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "MODEL": str(model_store.model(f"{arch}/fp32")),
+           "MASK": str(model_store.mask(f"{arch}/varying")), "PRUNED": str(tmp_path / "pruned")}
+    proc = subprocess.run(["bash", str(LAUNCH / script), mode, "--dry-run", "--device", "cuda"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "easyep: dry run: every check passed" in proc.stderr
+    tp = "1" if arch == "qwen3_moe" else "8"
+    assert f"-m easyep_sglang.sglang_plugin.serve --model-path {env['PRUNED' if mode == 'pruned' else 'MODEL']} " \
+           f"--tp-size {tp} " in proc.stderr
+    checked = "pruned checkpoint (plugin-only in stock engines)" if mode == "pruned" else "experts kept"
+    assert checked in proc.stderr
 
 
 def test_cpu_demo_serves_and_stops(tmp_path):

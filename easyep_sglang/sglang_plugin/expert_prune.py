@@ -96,7 +96,7 @@ def _renumber_expert_weights(original, model, weights, target_device):
 
 def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
-    from sglang.srt.layers.moe.topk import TopK
+    from sglang.srt.layers.moe.topk import TopK, TopKOutputFormat
 
     if runner.is_draft_worker:
         return
@@ -106,6 +106,11 @@ def _attach_id_maps(_result, runner, *args, **kwargs) -> None:
     fused = {m.layer_id: m.num_fused_shared_experts for m in runner.model.modules() if isinstance(m, FusedMoE)}
     for module in runner.model.modules():
         if isinstance(module, TopK) and module.layer_id in keep:
+            output_format = module.topk_config.output_format  # set when the MoE runner backend was bound
+            if output_format not in (None, TopKOutputFormat.STANDARD):
+                raise RuntimeError(f"the MoE runner backend routes inside its kernel ({output_format.name} top-k "
+                                   "output), so pruned experts cannot be renumbered; serve with --moe-runner-backend "
+                                   "triton, or with --mask alone")
             kept, shared = len(keep[module.layer_id]), fused.get(module.layer_id, 0)
             # The router writes a fused shared expert as id E + i; its slot follows the kept experts.
             orig_to_new = torch.full((spec.n_experts + shared,), -1, dtype=torch.int32)  # [E + shared]
@@ -122,9 +127,6 @@ def _to_local_expert_ids(topk_output, topk, *args, **kwargs):
     orig_to_new = getattr(topk, ORIG_TO_NEW_ATTR, None)
     if orig_to_new is None:
         return None
-    if not hasattr(topk_output, "_replace") or topk_output.format.name != "STANDARD":
-        raise RuntimeError(f"--prune needs standard top-k output, got {topk_output.format.name}; "
-                           "choose a MoE runner backend that routes outside its kernel (e.g. --moe-runner-backend triton)")
     topk_ids = topk_output.topk_ids  # [T, k]; -1 marks a padded row (EP, CUDA-graph padding), kept as -1
     local_ids = orig_to_new[topk_ids.clamp_min(0).long()].to(topk_ids.dtype)  # [T, k]
     return topk_output._replace(topk_ids=torch.where(topk_ids < 0, topk_ids, local_ids))
