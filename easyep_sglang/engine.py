@@ -29,7 +29,7 @@ def create_engine(model_path: str | Path, mask: str | Path | None = None, record
     if mask:
         ExpertMask.load(mask).summary(spec_from_model_path(model_path))  # validates before SGLang starts
     check_settings(sglang_kwargs, tp_size=sglang_kwargs.get("tp_size", 1), masked=bool(mask),
-                   record_stats=bool(record_stats_dir))
+                   record_stats=bool(record_stats_dir), model_path=model_path)
     device = sglang_kwargs.get("device")
     on_cpu = device == "cpu" or (device is None and not gpu_available())
     setup = server_setup(str(mask) if mask else None, on_cpu=on_cpu, tp_size=sglang_kwargs.get("tp_size", 1),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from easyep_sglang.spec import MoESpec
+from easyep_sglang.spec import MoESpec, load_config
 
 OVERLAP_FIX = "drop --startup-weight-load-mode overlap (the default, serial, loads before the mask is applied)"
 # MoE runner backends whose TopK hands the kernel raw router logits (TopKOutputFormat BYPASSED or
@@ -49,11 +49,12 @@ def ep_size_of(settings: dict, tp_size: int) -> int:
 
 def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None, pruned: str | None = None,
                    keep: dict[int, tuple[int, ...]] | None = None, masked: bool = False,
-                   record_stats: bool = False) -> None:
+                   record_stats: bool = False, model_path=None) -> None:
     """Raise ValueError naming the flag to change.
 
     pruned: how the plugin serves only the kept experts ("--prune", "a plugin-served pruned checkpoint"),
-    with `keep` the kept ids of each pruned layer; masked: the plugin changes routing (mask or pruning).
+    with `keep` the kept ids of each pruned layer; masked: the plugin changes routing (mask or pruning);
+    model_path: the served checkpoint, whose quantization the recorder cannot read.
     """
     if settings.get("startup_weight_load_mode") == "overlap" and (masked or pruned or record_stats):
         # model_runner.finalize_startup_weight_load commits the real weights after load_model, over the
@@ -62,7 +63,7 @@ def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None,
                          f"set up routing; {OVERLAP_FIX}")
     ep_size = ep_size_of(settings, tp_size)
     if pruned:
-        _check_pruned(settings, ep_size, spec, pruned, keep or {})
+        _check_pruned(settings, tp_size, spec, pruned, keep or {})
     if record_stats:
         attn_dp = settings.get("attn_dp_size") or 1
         if attn_dp == 1 and settings.get("enable_dp_attention"):
@@ -73,32 +74,48 @@ def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None,
         if ep_size > 1:
             raise ValueError(f"--record-stats cannot record expert-parallel experts (EP size {ep_size}); "
                              f"calibrate without --ep-size and --moe-a2a-backend")
+        if flag := _placement_flag(settings):
+            # the TopK output the recorder reads already holds physical slot ids (select_experts)
+            raise ValueError(f"--record-stats cannot record under {flag}: SGLang hands the recorder physical expert "
+                             f"slots, not expert ids; calibrate without {flag}")
+        quantization = model_path and (load_config(model_path).get("quantization_config") or {}).get("quant_method")
+        if quantization:
+            raise ValueError(f"--record-stats recomputes bf16 or fp32 experts; {model_path} is quantized "
+                             f"({quantization}); calibrate a bf16 copy of the checkpoint")
 
 
-def _check_pruned(settings: dict, ep_size: int, spec: MoESpec, pruned: str, keep: dict) -> None:
+def _placement_flag(settings: dict) -> str | None:
+    """The first flag given that makes SGLang place experts in physical slots (EPLB and its relatives)."""
     placement = [
         ("--enable-eplb", settings.get("enable_eplb")),
         ("--init-expert-location", settings.get("init_expert_location", "trivial") != "trivial"),
         ("--ep-dispatch-algorithm", settings.get("ep_dispatch_algorithm") is not None),
         ("--ep-num-redundant-experts", (settings.get("ep_num_redundant_experts") or 0) > 0),
     ]
-    for flag, given in placement:
-        if given:
-            # select_experts maps logical ids to physical slots before the plugin's AFTER hook maps
-            # original ids to kept ones, so the id map would be applied to physical ids.
-            raise ValueError(f"{pruned} cannot be served with {flag}: SGLang maps experts to physical slots "
-                             f"before the plugin maps them to the kept experts; drop {flag}, or serve the full "
-                             f"model with --mask alone")
+    return next((flag for flag, given in placement if given), None)
+
+
+def _check_pruned(settings: dict, tp_size: int, spec: MoESpec, pruned: str, keep: dict) -> None:
+    if flag := _placement_flag(settings):
+        # select_experts maps logical ids to physical slots before the plugin's AFTER hook maps
+        # original ids to kept ones, so the id map would be applied to physical ids.
+        raise ValueError(f"{pruned} cannot be served with {flag}: SGLang maps experts to physical slots "
+                         f"before the plugin maps them to the kept experts; drop {flag}, or serve the full "
+                         f"model with --mask alone")
     backend = settings.get("moe_runner_backend")
     if backend in KERNEL_ROUTING_BACKENDS:
         raise ValueError(f"{pruned} cannot be served with --moe-runner-backend {backend}, which picks experts inside "
                          f"its kernel where they cannot be renumbered; use --moe-runner-backend triton, or serve the "
                          f"full model with --mask alone")
-    if ep_size > 1:
-        _check_expert_parallel(settings, ep_size, spec, pruned, keep)
+    check_expert_split(settings, tp_size=tp_size, spec=spec, pruned=pruned, keep=keep)
 
 
-def _check_expert_parallel(settings: dict, ep_size: int, spec: MoESpec, pruned: str, keep: dict) -> None:
+def check_expert_split(settings: dict, *, tp_size: int, spec: MoESpec, pruned: str, keep: dict) -> None:
+    """Expert parallelism over pruned layers (also a stock-served pruned checkpoint's): FusedMoE splits each
+    layer's experts evenly over the EP ranks, and an all-to-all dispatcher sizes its buffer for one count."""
+    ep_size = ep_size_of(settings, tp_size)
+    if ep_size == 1:
+        return
     for layer, ids in sorted(keep.items()):
         if len(ids) % ep_size:
             low = len(ids) - len(ids) % ep_size

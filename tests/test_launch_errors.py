@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -151,6 +152,13 @@ def test_plugin_served_pruned_checkpoint_refuses_eplb_and_indivisible_ep(tiny_mo
     prepare(["--model-path", pruned, "--device", "cpu", "--init-expert-location", "trivial"])
 
 
+def test_stock_exact_pruned_checkpoint_under_ep_needs_a_divisible_count(tiny_models, tmp_path):
+    pruned = str(_prune_tiny(tiny_models, tmp_path, {1: list(range(12)), 2: list(range(4, 16))}))  # exact, 12 each
+    with pytest.raises(ValueError, match="layer 1 keeps 12 experts, not a multiple of the expert-parallel size 8"):
+        prepare(["--model-path", pruned, "--device", "cuda", "--tp", "8", "--ep", "8"])
+    prepare(["--model-path", pruned, "--device", "cuda", "--tp", "8", "--ep", "4"])
+
+
 def test_all_to_all_dispatch_needs_one_expert_count_in_every_layer(tiny_models, tmp_path):
     model = str(tiny_models["deepseek_v3"])
     varying = _write(tmp_path / "varying.json", {"keep": {"1": list(range(12)), "2": list(range(8))}})
@@ -168,12 +176,25 @@ def test_all_to_all_dispatch_needs_one_expert_count_in_every_layer(tiny_models, 
     (["--dp-size", "2", "--enable-dp-attention"], "under DP attention (attention DP size 2)"),
     (["--expert-parallel-size", "2"], "cannot record expert-parallel experts (EP size 2)"),
     (["--startup-weight-load-mode=overlap"], OVERLAP_FIX),
+    (["--enable-eplb"], "--record-stats cannot record under --enable-eplb: SGLang hands the recorder physical "
+                        "expert slots, not expert ids; calibrate without --enable-eplb"),
+    (["--ep-num-redundant-experts", "4"], "cannot record under --ep-num-redundant-experts"),
 ])
-def test_record_stats_refuses_dp_attention_ep_and_overlap(tiny_models, tmp_path, flags, message):
+def test_record_stats_refuses_dp_attention_ep_placement_and_overlap(tiny_models, tmp_path, flags, message):
     argv = ["--model-path", str(tiny_models["qwen3_moe"]), "--device", "cpu", "--record-stats", str(tmp_path)]
     with pytest.raises(ValueError, match=re.escape(message)):
         prepare(argv + flags)
     prepare(argv + ["--dp-size", "2"])  # data-parallel replicas without DP attention are not refused
+
+
+def test_record_stats_refuses_a_quantized_checkpoint(tiny_models, tmp_path):
+    model = tmp_path / "fp8"
+    shutil.copytree(tiny_models["deepseek_v3"], model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    with pytest.raises(ValueError, match=r"fp8 is quantized \(fp8\); calibrate a bf16 copy of the checkpoint"):
+        prepare(["--model-path", str(model), "--device", "cpu", "--record-stats", str(tmp_path / "stats")])
+    prepare(["--model-path", str(model), "--device", "cpu"])  # served as it is
 
 
 def test_engine_keyword_arguments_are_checked_alike():
