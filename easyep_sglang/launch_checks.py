@@ -61,6 +61,10 @@ def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None,
         # masked correction bias; 0.5.23 also admits no MoE architecture to overlap loading.
         raise ValueError(f"--startup-weight-load-mode overlap writes the weights after the easyep plugin has "
                          f"set up routing; {OVERLAP_FIX}")
+    if settings.get("ep_dispatch_algorithm") == "fake" and (masked or pruned):
+        # eplb/expert_location_dispatch.py transform_select_experts_inputs: random logits, correction bias zeroed
+        raise ValueError("--ep-dispatch-algorithm fake routes tokens to random experts, masked ones included; "
+                         "drop --ep-dispatch-algorithm fake")
     ep_size = ep_size_of(settings, tp_size)
     if pruned:
         _check_pruned(settings, tp_size, spec, pruned, keep or {})

@@ -197,6 +197,14 @@ def test_record_stats_refuses_a_quantized_checkpoint(tiny_models, tmp_path):
     prepare(["--model-path", str(model), "--device", "cpu"])  # served as it is
 
 
+def test_mask_refuses_fake_dispatch_which_routes_at_random(tiny_models, tmp_path):
+    model = str(tiny_models["deepseek_v3"])
+    mask = _write(tmp_path / "m.json", {"keep": {str(l): ids for l, ids in SPLIT_KEEP.items()}})
+    with pytest.raises(ValueError, match="--ep-dispatch-algorithm fake routes tokens to random experts"):
+        prepare(["--model-path", model, "--mask", str(mask), "--device", "cpu", "--ep-dispatch-algorithm", "fake"])
+    prepare(["--model-path", model, "--device", "cpu", "--ep-dispatch-algorithm", "fake"])  # no mask: SGLang's own
+
+
 def test_engine_keyword_arguments_are_checked_alike():
     with pytest.raises(ValueError, match="attention DP size 2"):
         check_settings({"attn_dp_size": 2}, tp_size=2, record_stats=True)
