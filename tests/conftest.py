@@ -28,6 +28,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "servers(*names): the planned test servers a test uses (tests/server_pool.py)")
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that use no planned server run first (in their usual order), while the pool starts the first
+    planned servers in the background; otherwise the first server tests would wait for them on an idle core."""
+    items.sort(key=lambda item: bool(server_names(item)))
+
+
 def server_names(item) -> list[str]:
     params = getattr(getattr(item, "callspec", None), "params", {})
     return [name.format(**params) for marker in item.iter_markers("servers") for name in marker.args]

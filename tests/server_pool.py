@@ -9,9 +9,10 @@ that named it has finished. A start costs about a minute of CPU (three Python pr
 the suite's dominant cost: fewer servers, and the overlap, are what keep the suite short.
 
 Names are `kind:target`:
-  plain:MODEL    no mask; records calibration statistics (--record-stats) into `server.stats_dir`
-  mask:MASK      the mask's model with --mask             prune:MASK     --mask --prune
-  offline:MASK   the offline-pruned checkpoint of MASK     tp2:MASK       --mask --record-stats --tp-size 2
+  plain:MODEL    no mask                                  mask:MASK      the mask's model with --mask
+  prune:MASK     --mask --prune                           offline:MASK   the offline-pruned checkpoint of MASK
+  tp2:MASK       --mask --tp-size 2
+plain, mask and tp2 servers also record calibration statistics (--record-stats) into `server.stats_dir`.
 A "+fusion" suffix adds --enforce-shared-experts-fusion (DeepSeek's shared expert fused into the routed
 experts, SGLang's default on GPUs).
 MODEL is "ARCH/fp32", "ARCH/bf16" (tiny models from easyep_sglang.demo_model) or "demo" (the shipped demo
@@ -53,10 +54,17 @@ MASKS = {
     "deepseek_v3/tp2": {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [0, 1, 4, 5, 8, 9, 12, 13]},
     "deepseek_v3/all": "all",
     "qwen3_moe/all": "all",
+    # deepseek_v3/whole, and the MTP layer 3 keeps 2 whole groups too: exact, stock SGLang's NextN draft loads it
+    "deepseek_v3_mtp/whole": {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15],
+                              3: [0, 1, 2, 3, 12, 13, 14, 15]},
 }
+# Tiny-model variants: ARCH -> (demo_model arch, build overrides). deepseek_v3_mtp adds a next-n (MTP) layer 3 to
+# deepseek_v3, whose layers 0-2 it keeps bit for bit.
+VARIANTS = {"deepseek_v3_mtp": ("deepseek_v3", {"num_nextn_predict_layers": 1})}
 # Flags every server of a tiny model gets: DeepSeek prefills in chunks of 16 tokens with the prefix cache on,
 # Qwen in one chunk with the cache off, so calibration (and everything else) is checked under both.
 MODEL_ARGS = {"deepseek_v3": ("--chunked-prefill-size", "16"), "qwen3_moe": ("--disable-radix-cache",)}
+MODEL_ARGS.update({variant: MODEL_ARGS[arch] for variant, (arch, _) in VARIANTS.items()})
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -91,7 +99,7 @@ def _server_spec(name: str) -> ServerSpec:
     arch = target.split("/")[0]
     args = ("--dtype", "float32", *MODEL_ARGS[arch])
     return {
-        "mask": ServerSpec(f"{arch}/fp32", target, args),
+        "mask": ServerSpec(f"{arch}/fp32", target, args, record_stats=True),
         "prune": ServerSpec(f"{arch}/fp32", target, (*args, "--prune")),
         "offline": ServerSpec(f"offline/{target}", None, args),
         "tp2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True),
@@ -148,7 +156,8 @@ class ModelStore:
             prune_checkpoint(self.model(f"{mask.split('/')[0]}/fp32"), self.mask(mask), out)
             return out
         arch, dtype = key.split("/")
-        return build_tiny_model(arch, out, dtype=DTYPES[dtype])
+        arch, overrides = VARIANTS.get(arch, (arch, {}))
+        return build_tiny_model(arch, out, dtype=DTYPES[dtype], **overrides)
 
 
 class ServerPool:
@@ -163,6 +172,7 @@ class ServerPool:
         self.ready: dict[str, threading.Event] = {}
         self.errors: dict[str, BaseException] = {}
         self.startup_s: list[tuple[str, float]] = []  # (name, seconds from spawn to healthy), in start order
+        self.waited_s = 0.0  # how long tests waited for a server still starting
         self._cond = threading.Condition()
         self._closed = False
         self._stoppers: list[threading.Thread] = []
@@ -178,7 +188,10 @@ class ServerPool:
                 self._make_room(server_spec(name).weight)
                 self._launch(name)
             event = self.ready[name]
+        began = time.monotonic()
         event.wait()
+        with self._cond:
+            self.waited_s += time.monotonic() - began
         if name in self.errors:
             raise RuntimeError(f"test server {name} did not start: {self.errors[name]}")
         return self.servers[name]
@@ -211,7 +224,7 @@ class ServerPool:
         times = sorted(seconds for _, seconds in self.startup_s)
         return (f"test servers: {len(times)} started, {sum(times):.0f} s of start-up in all "
                 f"(min {times[0]:.0f} s, median {times[len(times) // 2]:.0f} s, max {times[-1]:.0f} s); "
-                f"failed: {sorted(self.errors) or 'none'}")
+                f"tests waited {self.waited_s:.0f} s for one to start; failed: {sorted(self.errors) or 'none'}")
 
     # --- internals, under self._cond ----------------------------------------------------------------------
     def _next_use(self, name: str, after: int) -> int | None:

@@ -120,21 +120,25 @@ def test_fp32_statistics_match_transformers(servers, arch):
     assert_agree(recorded, reference, f"{arch} fp32 TP=1 {' '.join(MODEL_ARGS[arch])}")
 
 
-@pytest.mark.servers("tp2:deepseek_v3/tp2")
-def test_tp2_statistics_match_transformers_under_a_mask(servers):
-    server = servers.use("tp2:deepseek_v3/tp2")  # also test_gate_mask_tp2's server
+@pytest.mark.parametrize("server_name, tp_size", [
+    ("tp2:deepseek_v3/tp2", 2),  # also test_gate_mask_tp2's server
+    ("mask:deepseek_v3/varying+fusion", 1),  # the shared expert fused into the routed experts, SGLang's GPU default
+])
+@pytest.mark.servers("{server_name}")
+def test_statistics_under_a_mask_match_transformers(servers, server_name, tp_size):
+    server = servers.use(server_name)
     samples = samples_for(server.model_path)
     dumps = len(list(server.stats_dir.glob(calibrate.DUMP_GLOB)))
     recorded, provenance = collect(ServerClient(server.base_url), server.stats_dir, samples, progress=False)
-    assert provenance["tp_size"] == 2
+    assert provenance["tp_size"] == tp_size
     assert len(list(server.stats_dir.glob(calibrate.DUMP_GLOB))) == dumps + 1, "TP rank 0 alone writes"
-    keep = MASKS["deepseek_v3/tp2"]
+    keep = MASKS[server_name.split(":")[1].removesuffix("+fusion")]
     reference = transformers_statistics(server.model_path, [s.token_ids for s in samples], torch.float32, keep)
     spec = spec_from_model_path(server.model_path)
     for layer, kept in keep.items():
         pruned = [i for i in range(spec.n_experts) if i not in kept]
         assert reference["frequency"][spec.moe_layers.index(layer), pruned].sum() == 0, "the reference routes around the mask"
-    assert_agree(recorded, reference, "deepseek_v3 fp32 TP=2, masked")
+    assert_agree(recorded, reference, f"deepseek_v3 fp32 {server_name}")
 
 
 def test_calibrate_cli_bf16_agreement(tiny_models, tmp_path):

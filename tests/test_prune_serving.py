@@ -83,13 +83,35 @@ def test_offline_pruned_checkpoint_matches_the_mask(servers, mask, keep):
         assert f"easyep: checkpoint pruned offline: {len(keep)} layers hold {kept}/" in log
 
 
-@pytest.mark.servers("mask:deepseek_v3/varying", "prune:deepseek_v3/varying+fusion")
-def test_load_time_pruning_with_shared_expert_fusion_matches_the_mask(servers):
-    """SGLang's GPU default for DeepSeek: the shared expert fused into the routed FusedMoE, which the router
-    chooses as id E and the weight loader places after the routed experts (forced on here)."""
-    _, masked = _outputs(servers, MASKED, "deepseek_v3/varying")
-    fused_server, fused = _outputs(servers, PRUNED + "+fusion", "deepseek_v3/varying")
-    _assert_same_outputs(masked, fused)
+# SGLang's GPU default for DeepSeek, forced on here: the shared expert fused into the routed FusedMoE, chosen
+# by the router as id E and loaded after the routed experts. Each fused server -> the unfused masked server it
+# must match, the line its log must show (None: stock SGLang, no plugin), and an offline checkpoint's class.
+FUSED = {
+    "mask:deepseek_v3/varying+fusion": ("mask:deepseek_v3/varying", "easyep: mask on 2 layers, 18/32 experts kept", None),
+    "prune:deepseek_v3/varying+fusion": ("mask:deepseek_v3/varying",
+                                         "easyep: pruned at load time: 2 layers hold 18/32 experts", None),
+    "offline:deepseek_v3/whole+fusion": ("mask:deepseek_v3/whole", None, "exact"),
+    # groups split unevenly; the mask's only unfused server is the TP=2 one
+    "offline:deepseek_v3/tp2+fusion": ("tp2:deepseek_v3/tp2", "easyep: checkpoint pruned offline: 2 layers hold 16/32",
+                                       "approximate"),
+    "offline:deepseek_v3/varying+fusion": ("mask:deepseek_v3/varying",
+                                           "easyep: checkpoint pruned offline: 2 layers hold 18/32", "plugin-only"),
+}
+
+
+@pytest.mark.parametrize("fused, reference", [(name, ref) for name, (ref, _, _) in FUSED.items()])
+@pytest.mark.servers("{reference}", "{fused}")
+def test_shared_expert_fusion_matches_the_unfused_mask(servers, fused, reference):
+    masked = greedy(servers.use(reference), PROMPTS)
+    fused_server = servers.use(fused)
+    _assert_same_outputs(masked, greedy(fused_server, PROMPTS))
+    _, expected_line, stock_engine = FUSED[fused]
+    if stock_engine:
+        config = json.loads((fused_server.model_path / "config.json").read_text())
+        assert config["easyep"]["stock_engine"] == stock_engine
     log = (fused_server.recorder_dir / "server.log").read_text()
     assert "Shared experts fusion optimization is disabled" not in log
-    assert "easyep: pruned at load time: 2 layers hold 18/32 experts" in log
+    if expected_line is None:
+        assert "easyep: mask on" not in log, "an exact checkpoint is served by stock SGLang, no plugin"
+    else:
+        assert expected_line in log
