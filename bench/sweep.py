@@ -6,7 +6,8 @@
 The shape of the EASY-EP paper's throughput study (its Figures 1 and 6: SGLang, concurrency 32,
 {1K, 4K} input x {1K, 4K} output, speedup over the full model vs experts kept). Each configuration gets
 its own server, started and stopped here, one at a time. Each (input, output) setting is one
-bench_serving run and one JSONL row with provenance; then a markdown table and a PNG are rendered.
+bench_serving run and one JSONL row with provenance, the mask digest the server reports included (a server
+that serves another mask than its configuration's stops the sweep); then a markdown table and a PNG are rendered.
 
 Modes: full (no mask); masked (launcher --mask: experts loaded, never routed to); prune_load (launcher
 --prune: drop masked experts at load time); prune_offline (python -m easyep_sglang.prune, then serve the

@@ -2,7 +2,9 @@
 
 Every row is one JSON line holding `provenance(...)` (code, engine, device, model, mask) beside its
 metrics, so a figure can be traced to the exact server that produced it. Server facts are read from
-SGLang's own `GET /server_info`, so a row describes the server that answered, not the client's guess.
+SGLang's own `GET /server_info`, so a row describes the server that answered, not the client's guess:
+the mask a row names must be the one the server reports serving (sglang_plugin/served_mask.py), or no
+row is written.
 """
 
 from __future__ import annotations
@@ -17,9 +19,15 @@ from pathlib import Path
 
 from easyep_sglang.fileio import atomic_write_text
 from easyep_sglang.mask import ExpertMask
-from easyep_sglang.spec import spec_from_model_path
+from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
+from easyep_sglang.sglang_plugin.served_mask import REPORT_KEY
+from easyep_sglang.spec import MoESpec, spec_from_model_path
 
 REPO_DIR = Path(__file__).resolve().parents[1]
+
+
+class ServedMaskMismatch(ValueError):
+    """The mask a row names is not the one the server reports serving; the row is refused."""
 
 
 def git_commit(repo: Path = REPO_DIR) -> str:
@@ -37,8 +45,10 @@ def git_commit(repo: Path = REPO_DIR) -> str:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
-def server_info(base_url: str, timeout: float = 30) -> dict:
-    with urllib.request.urlopen(base_url.rstrip("/") + "/server_info", timeout=timeout) as resp:
+def server_info(base_url: str, timeout: float = 30, api_key: str | None = None) -> dict:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(base_url.rstrip("/") + "/server_info", headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         return json.load(resp)
 
 
@@ -60,23 +70,62 @@ def moe_kernel_path(info: dict) -> str:
     return f"{device}/select_experts + moe-runner-backend={info.get('moe_runner_backend', 'auto')}"
 
 
+def routing_spec(model_path: str | Path) -> MoESpec:
+    """The expert space a mask of this model names: the source model's for an offline-pruned checkpoint."""
+    pruned = read_pruned_checkpoint(model_path)
+    return pruned.source_spec if pruned else spec_from_model_path(model_path)
+
+
 def _mask_facts(mask_path: str | Path | None, model_path: str | Path | None) -> dict:
     if not mask_path:
         return {"mask": None, "mask_digest": None}
     mask = ExpertMask.load(mask_path)
     facts = {"mask": str(mask_path), "mask_digest": mask.digest(), "mask_method": mask.method}
     if model_path and Path(model_path, "config.json").is_file():
-        spec = spec_from_model_path(model_path)
+        spec = routing_spec(model_path)
         resolved = mask.resolve(spec)
         counts = [len(resolved.get(layer, range(spec.n_experts))) for layer in spec.moe_layers]
         facts["experts_per_layer"] = {"min": min(counts), "max": max(counts), "mean": sum(counts) / len(counts)}
     return facts
 
 
-def provenance(base_url: str, *, mask_path: str | Path | None = None, model_path: str | Path | None = None) -> dict:
-    """Everything a report row needs to say what produced it. `model_path` defaults to the server's."""
+def _digest_when_served(mask_path: str | Path | None, model_path: str | Path | None) -> str | None:
+    """The digest a server of this mask reports: that of the mask resolved against the model (served_mask.py)."""
+    if not mask_path:
+        return None
+    mask = ExpertMask.load(mask_path)
+    if not (model_path and Path(model_path, "config.json").is_file()):
+        return mask.digest()  # equal for a mask as select writes it (sorted ids, restricted layers only)
+    return ExpertMask(mask.resolve(routing_spec(model_path))).digest()
+
+
+def served_mask_facts(info: dict, base_url: str, mask_path: str | Path | None, model_path: str | Path | None) -> dict:
+    """The mask the server reports serving; raises ServedMaskMismatch unless it is `mask_path` (None: no mask)."""
+    served = info.get(REPORT_KEY)
+    if served is None:
+        if mask_path:
+            why = info.get("server_info_error") or f"its GET /server_info has no {REPORT_KEY!r} block"
+            raise ServedMaskMismatch(f"the server at {base_url} does not report the mask it serves ({why}), so mask "
+                                     f"{mask_path} cannot be checked; serve it with python -m easyep_sglang.launch")
+        return {"served_mask": None, "served_mask_digest": None}
+    expected = _digest_when_served(mask_path, model_path)
+    if served["mask_digest"] != expected:
+        serves = (f"mask {served['mask_digest']} ({served['mode']}, {served['kept']} experts kept in layers "
+                  f"{served['layers']})" if served["mask_digest"] else "every expert (no mask)")
+        names = f"mask {mask_path} ({expected})" if mask_path else "no mask"
+        fix = "pass --mask with the mask file the server was started with" if served["mask_digest"] else "drop --mask"
+        raise ServedMaskMismatch(f"the row names {names}, but the server at {base_url} serves {serves}; {fix}")
+    return {"served_mask": served, "served_mask_digest": served["mask_digest"]}
+
+
+def provenance(base_url: str, *, mask_path: str | Path | None = None, model_path: str | Path | None = None,
+               api_key: str | None = None) -> dict:
+    """Everything a report row needs to say what produced it. `model_path` defaults to the server's; `api_key` is
+    the server's --api-key, if it has one.
+
+    Raises ServedMaskMismatch when `mask_path` (None: the full model) is not what the server reports serving."""
     try:
-        info = server_info(base_url)
+        info = server_info(base_url, api_key=api_key)
     except (OSError, ValueError) as err:  # not an SGLang server, or an old one: the row says so
         info = {"server_info_error": f"{type(err).__name__}: {err}"}
     model_path = model_path or info.get("model_path")
@@ -101,7 +150,8 @@ def provenance(base_url: str, *, mask_path: str | Path | None = None, model_path
     if model_path and Path(model_path, "config.json").is_file():
         spec = spec_from_model_path(model_path)
         row.update(architecture=spec.architecture, model_fingerprint=spec.fingerprint, n_experts=spec.n_experts)
-    return {**row, **_mask_facts(mask_path, model_path)}
+    served = served_mask_facts(info, base_url, mask_path, model_path)  # raises on a mismatch: no row
+    return {**row, **_mask_facts(mask_path, model_path), **served}
 
 
 def append_row(path: str | Path, row: dict) -> None:

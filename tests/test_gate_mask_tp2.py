@@ -9,9 +9,13 @@ import re
 import pytest
 
 from conftest import generate
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.report import server_info
 from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
+from easyep_sglang.sglang_plugin.served_mask import REPORT_KEY
 from easyep_sglang.spec import spec_from_model_path
 from server_pool import MASKS
+from test_prune_served_mask import assert_workers_report
 
 TP2 = "tp2:deepseek_v3/tp2"
 KEEP = MASKS["deepseek_v3/tp2"]
@@ -33,3 +37,11 @@ def test_mask_holds_on_both_tp_ranks(servers):
         assert counts[layer, kept].sum() > 2 * 200 * spec.top_k
     log = (server.recorder_dir / "server.log").read_text()
     assert len(re.findall(r"easyep: mask on 2 layers, 16/32 experts kept", log)) == 2, "one line per TP worker"
+
+
+@pytest.mark.servers(TP2)
+def test_both_tp_ranks_report_the_mask_in_server_info(servers, model_store):
+    server = servers.use(TP2)
+    assert_workers_report(server, TP2, ExpertMask.load(model_store.mask("deepseek_v3/tp2")).digest(), KEEP, tp_size=2)
+    workers = server_info(server.base_url)[REPORT_KEY]["workers"]
+    assert len({w["worker"] for w in workers}) == 2, "one report per TP rank"

@@ -29,9 +29,10 @@ def load_plugin() -> None:
         cpu_compat.install()
     pruned_checkpoint = os.environ.get(ENV_PRUNED_CHECKPOINT) == "1"
     if os.environ.get(ENV_MASK) or pruned_checkpoint:
-        from easyep_sglang.sglang_plugin import gate_mask
+        from easyep_sglang.sglang_plugin import fail_closed, gate_mask
 
         gate_mask.install()
+        fail_closed.install_weight_update_guard()
     if os.environ.get(ENV_MASK) and os.environ.get(ENV_PRUNE) == "1" or pruned_checkpoint:
         from easyep_sglang.sglang_plugin import expert_prune
 

@@ -16,25 +16,28 @@ RECORDER_SERVER_ARGS = ["--expert-distribution-recorder-mode", "stat"]
 RECORDER_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
 
 
-def _post(base_url: str, path: str) -> None:
-    request = urllib.request.Request(base_url + path, data=b"", method="POST")
+def _post(base_url: str, path: str, api_key: str | None) -> None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(base_url + path, data=b"", headers=headers, method="POST")
     with urllib.request.urlopen(request, timeout=120) as resp:
         assert resp.status == 200, f"{path} answered {resp.status}"
 
 
-def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable[[], None]) -> torch.Tensor:
+def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable[[], None],
+                         api_key: str | None = None) -> torch.Tensor:
     """Choices per (layer, logical expert) during `workload`, summed over steps.  # [num_layers, E]
 
     In "stat" mode the counts are all-reduced over ranks, so under TP each token counts once per rank.
+    `api_key`: the server's --api-key, which also guards these endpoints.
     """
     dump_dir = Path(dump_dir)
     before = set(dump_dir.glob("expert_distribution_recorder_*.pt"))
-    _post(base_url, "/start_expert_distribution_record")
+    _post(base_url, "/start_expert_distribution_record", api_key)
     try:
         workload()
     finally:
-        _post(base_url, "/stop_expert_distribution_record")
-    _post(base_url, "/dump_expert_distribution_record")
+        _post(base_url, "/stop_expert_distribution_record", api_key)
+    _post(base_url, "/dump_expert_distribution_record", api_key)
     dumps = sorted(set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before)
     assert dumps, f"the server wrote no dump into {dump_dir}"
     # [steps, L, E] -> [L, E]; under TP every worker writes the same all-reduced counts

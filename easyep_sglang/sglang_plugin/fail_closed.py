@@ -5,7 +5,8 @@ Installed by `load_plugin` in every SGLang process when our server entry (serve.
   cause in RUN_DIR/<pid>.failed, which serve.py prints when it stops the server;
 - each scheduler adds a `WorkerReport` to the init info it sends the server when it is ready (what it
   applied, and which of our hook targets did not resolve);
-- the server checks every report before it starts its HTTP server, and refuses to start otherwise.
+- the server checks every report before it starts its HTTP server, and refuses to start otherwise; then it shows
+  them in GET /server_info (served_mask.py).
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from easyep_sglang.mask import ExpertMask
-from easyep_sglang.sglang_plugin.server_env import (
-    ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_RUN_DIR, ENV_STATS_DIR, PLUGIN_NAME,
-)
+from easyep_sglang.sglang_plugin import served_mask
+from easyep_sglang.sglang_plugin.server_env import ENV_RUN_DIR, ENV_STATS_DIR, PLUGIN_NAME
 
 SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
 SCHEDULER_INIT_INFO = "sglang.srt.managers.scheduler.Scheduler.get_init_info"
 WAIT_FOR_SCHEDULERS = "sglang.srt.entrypoints.engine._wait_for_scheduler_ready"
+WEIGHT_UPDATES = tuple(f"sglang.srt.model_executor.model_runner_components.weight_updater.WeightUpdater.{method}"
+                       for method in ("update_weights_from_disk", "load_weights_from_distributed",
+                                      "update_weights_from_tensor", "update_weights_from_ipc"))
 REPORT_KEY = "easyep"  # in a scheduler's init info
 FAILED_SUFFIX = ".failed"
 
@@ -76,6 +79,22 @@ def install() -> None:
     HookRegistry.register(WAIT_FOR_SCHEDULERS, _check_reports, HookType.AFTER)
 
 
+def install_weight_update_guard() -> None:
+    """With a mask served: SGLang's runtime weight updates (/update_weights_from_disk, _from_tensor, _from_distributed,
+    _from_ipc) reload DeepSeek's correction bias and the expert tensors without our load-time hooks, so the mask
+    would silently stop applying while /server_info still showed it. Each worker refuses them instead."""
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    for target in WEIGHT_UPDATES:
+        HookRegistry.register(target, _refuse_weight_update, HookType.AROUND)
+
+
+def _refuse_weight_update(update, updater, *args, **kwargs) -> tuple[bool, str]:
+    return False, ("easyep: weight updates are refused while an expert mask is served, since reloading weights would "
+                   "undo the mask applied at load time; restart the server on the new weights "
+                   "(python -m easyep_sglang.launch ...)")
+
+
 def unresolved_targets() -> list[str]:
     """Our hook targets that HookRegistry could not patch (it logs them and carries on)."""
     from sglang.srt.plugins.hook_registry import HookRegistry
@@ -106,34 +125,32 @@ def _add_report(info: dict, scheduler, *args, **kwargs) -> dict:
     return {**info, REPORT_KEY: report()}
 
 
-def _check_reports(infos: list[dict], *args, **kwargs) -> None:
+def _check_reports(infos: list[dict], *args, **kwargs) -> list[dict]:
+    """Refuse to serve unless every scheduler applied what was asked; then show it in GET /server_info."""
+    from sglang.srt.runtime_context import get_model
+
+    served = served_mask.requested(get_model().model_path)
     for rank, info in enumerate(infos):
-        problem = _problem(info.get(REPORT_KEY))
+        problem = _problem(info.get(REPORT_KEY), served)
         if problem:
             raise FailClosed(f"scheduler {rank}: {problem}; refusing to serve")
     schedulers_ready.set()
+    return served_mask.publish(infos, [info[REPORT_KEY] for info in infos], served)
 
 
-def _problem(got: WorkerReport | None) -> str | None:
+def _problem(got: WorkerReport | None, served: served_mask.ServedMask) -> str | None:
     if got is None:
         return (f"it did not report, so the {PLUGIN_NAME} plugin did not run in it (check SGLANG_PLUGINS and "
                 "the plugin load errors in its log)")
     name = f"{got.worker} (pid {got.pid})"
     if got.unresolved:
         return f"{name}: hook targets did not resolve in this SGLang: {', '.join(got.unresolved)}"
-    pruned_checkpoint = os.environ.get(ENV_PRUNED_CHECKPOINT) == "1"
-    if os.environ.get(ENV_MASK) or pruned_checkpoint:
-        from sglang.srt.runtime_context import get_model
-
-        from easyep_sglang.sglang_plugin.serving_plan import serving_plan
-
-        plan = serving_plan(get_model().model_path)
-        layers = sorted(set(plan.keep) - set(plan.spec.mtp_layers))
-        digest = ExpertMask(plan.keep).digest()
-        if got.mask_digest != digest or not set(layers) <= set(got.mask_layers):
+    if served.applied_by_workers:
+        layers = served.target_layers
+        if got.mask_digest != served.mask_digest or not set(layers) <= set(got.mask_layers):
             return (f"{name} applied mask {got.mask_digest} on layers {got.mask_layers}, "
-                    f"expected {digest} on layers {layers}")
-        if (os.environ.get(ENV_PRUNE) == "1" or pruned_checkpoint) and not set(layers) <= set(got.pruned_layers):
+                    f"expected {served.mask_digest} on layers {layers}")
+        if served.mode != "mask" and not set(layers) <= set(got.pruned_layers):
             return f"{name} built only the kept experts of layers {got.pruned_layers}, expected {layers}"
     if os.environ.get(ENV_STATS_DIR) and not got.recorder:
         return f"{name} did not start the calibration recorder"
