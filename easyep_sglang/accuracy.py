@@ -7,7 +7,8 @@ answers compared symbolically by math-verify.
 Data: JSONL rows {"problem": ..., "answer": ...}; easyep_sglang/data/tiny_math.jsonl is a bundled example.
 Defaults follow the EASY-EP evaluation (DeepSeek-R1: 5 samples at temperature 0.6, top-p 0.95, up to
 32k tokens; pass@1 = mean correctness over the samples). One report row per run, with the provenance
-of the benchmark rows (easyep_sglang/report.py), is appended to --out.
+of the benchmark rows (easyep_sglang/report.py), is appended to --out; it records the mask digest the server
+reports, and a server that serves another mask than --mask names is refused before sampling.
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def sample(client, args, problem: Problem, seed: int | None) -> dict:
 
 
 def evaluate(args) -> dict:
-    from openai import APIConnectionError, OpenAI
+    from openai import APIConnectionError, AuthenticationError, OpenAI
     from tqdm import tqdm
 
     problems = load_problems(args.data)
@@ -120,7 +121,10 @@ def evaluate(args) -> dict:
     except APIConnectionError:
         raise ValueError(f"no server answers at {args.base_url}; "
                          "start one (python -m easyep_sglang.launch ...)") from None
-    facts = provenance(args.base_url, mask_path=args.mask)  # the server as it was when sampling started
+    except AuthenticationError:
+        raise ValueError(f"the server at {args.base_url} refused the API key; set OPENAI_API_KEY to its --api-key") from None
+    # the server as it was when sampling started; refused unless it serves --mask
+    facts = provenance(args.base_url, mask_path=args.mask, api_key=os.environ.get("OPENAI_API_KEY"))
     started = time.monotonic()
     samples: list[list[dict | None]] = [[None] * args.n for _ in problems]
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
@@ -175,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="chat: the problem as a user message; completions: as raw text the model continues, "
                         "for base models such as the demo's 'Q: 37+48=? A:' (default: chat)")
     parser.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable), e.g. a newline")
-    parser.add_argument("--mask", help="the mask the server runs with, recorded (digest) in the report")
+    parser.add_argument("--mask", help="the mask file the server was started with; it must be the mask the server "
+                        "reports serving (GET /server_info), else nothing is sampled. Without it the server must serve "
+                        "no mask. The report records both digests")
     parser.add_argument("--request-timeout", type=float, default=3600, help="seconds per request (default: 3600)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
