@@ -1,11 +1,15 @@
 """Tiny, randomly initialised MoE checkpoints with a tokenizer, built offline for tests and demos.
 
-    python -m easyep_sglang.demo_model --arch deepseek_v3 --out /tmp/tiny-dsv3
+    python -m easyep_sglang.demo_model --arch deepseek_v3 --out /tmp/tiny-dsv3 [--mtp-layers 1]
 
 The models come from transformers' own config and model classes, so the checkpoint layout
 (`model.layers.L.mlp.experts.E.{gate,up,down}_proj.weight`) and config.json are what a real
 Hugging Face release of that architecture looks like, only small. Routers are re-drawn with a
 larger spread than the default init so that routing is decisive and uneven across experts.
+
+DeepSeek-V3 can carry next-n (MTP) layers, `model.layers.{num_hidden_layers + i}`, laid out as in
+DeepSeek's release (transformers builds none; SGLang loads them as the NEXTN speculative draft). They are
+drawn from their own seed after the main model, so its tensors are those of the build without them.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, processors
 from transformers import (
     DeepseekV3Config,
@@ -59,6 +64,7 @@ class DemoArch:
     # The default init (std 0.02) routes almost uniformly. Router logits are ~ N(0, std^2 * hidden_size).
     router_weight_std: float
     config_json_renames: dict = field(default_factory=dict)  # transformers' key -> the key real checkpoints use
+    mtp: bool = False  # can carry next-n (MTP) layers (config key num_nextn_predict_layers)
 
 
 SUPPORTED_ARCHS: dict[str, DemoArch] = {
@@ -75,6 +81,7 @@ SUPPORTED_ARCHS: dict[str, DemoArch] = {
             max_position_embeddings=4096, rope_parameters=DEEPSEEK_YARN, tie_word_embeddings=False,
         ),
         router_weight_std=0.2,  # logit std ~2.3: sigmoid scores mostly unsaturated, so applied weights still differ
+        mtp=True,
     ),
     "qwen3_moe": DemoArch(
         Qwen3MoeConfig,
@@ -131,6 +138,44 @@ def create_model(arch: DemoArch, vocab_size: int, seed: int, dtype: torch.dtype,
     return model.eval()
 
 
+def _mtp_tensors(arch: DemoArch, vocab_size: int, seed: int, dtype: torch.dtype, overrides: dict,
+                 main: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The next-n (MTP) layers as DeepSeek-V3's release lays them out: layer N+i is a MoE decoder layer
+    (here: layer N+i of a deeper model drawn from seed + 1) plus enorm, hnorm, eh_proj and shared_head,
+    with embed_tokens and shared_head.head copies of the main model's."""
+    n_main = overrides.get("num_hidden_layers", arch.dims["num_hidden_layers"])
+    n_mtp = overrides["num_nextn_predict_layers"]
+    deeper = {**overrides, "num_hidden_layers": n_main + n_mtp, "num_nextn_predict_layers": 0}
+    donor = create_model(arch, vocab_size, seed + 1, dtype, deeper)
+    with tempfile.TemporaryDirectory() as tmp:
+        donor.save_pretrained(tmp)  # checkpoint names (per-expert tensors), as the main model's
+        layers = load_file(Path(tmp) / "model.safetensors")
+    hidden = donor.config.hidden_size
+    generator = torch.Generator().manual_seed(seed + 1)
+    out = {}
+    for layer in range(n_main, n_main + n_mtp):
+        prefix = f"model.layers.{layer}."
+        out.update({name: t for name, t in layers.items() if name.startswith(prefix)})
+        eh_proj = torch.randn(hidden, 2 * hidden, generator=generator) * (2 * hidden) ** -0.5  # [H, 2H]
+        out.update({
+            prefix + "enorm.weight": torch.ones(hidden, dtype=dtype),
+            prefix + "hnorm.weight": torch.ones(hidden, dtype=dtype),
+            prefix + "eh_proj.weight": eh_proj.to(dtype),
+            prefix + "shared_head.norm.weight": torch.ones(hidden, dtype=dtype),
+            prefix + "shared_head.head.weight": main["lm_head.weight"].clone(),
+            prefix + "embed_tokens.weight": main["model.embed_tokens.weight"].clone(),
+        })
+    return out
+
+
+def _add_mtp_layers(directory: Path, arch: DemoArch, vocab_size: int, seed: int, dtype: torch.dtype,
+                    overrides: dict) -> None:
+    path = directory / "model.safetensors"
+    assert path.is_file() and not (directory / "model.safetensors.index.json").exists(), "tiny models are one shard"
+    main = load_file(path)
+    save_file({**main, **_mtp_tensors(arch, vocab_size, seed, dtype, overrides, main)}, path, metadata={"format": "pt"})
+
+
 def _package_version() -> str:
     try:
         return version("easyep-sglang")
@@ -143,6 +188,8 @@ def _write_checkpoint(directory: Path, arch_name: str, seed: int, dtype: str, ov
     tokenizer = create_tokenizer()
     model = create_model(arch, len(tokenizer), seed, DTYPES[dtype], overrides)
     model.save_pretrained(directory)
+    if overrides.get("num_nextn_predict_layers"):
+        _add_mtp_layers(directory, arch, len(tokenizer), seed, DTYPES[dtype], overrides)
     tokenizer.save_pretrained(directory, save_jinja_files=False)  # chat_template inside tokenizer_config.json
     if arch.config_json_renames:
         config_path = directory / "config.json"
@@ -166,6 +213,9 @@ def build_tiny_model(
         raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
+    if overrides.get("num_nextn_predict_layers") and not SUPPORTED_ARCHS[arch].mtp:
+        mtp_archs = ", ".join(sorted(name for name, a in SUPPORTED_ARCHS.items() if a.mtp))
+        raise ValueError(f"{arch} has no next-n (MTP) layers; build one of {mtp_archs}, or drop --mtp-layers")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory; choose another --out")
@@ -200,9 +250,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed for all weights (default: 0)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weight dtype (default: bfloat16)")
     parser.add_argument("--force", action="store_true", help="replace --out if it is not empty")
+    parser.add_argument("--mtp-layers", type=int, default=0, metavar="N",
+                        help="next-n (MTP) layers after the main ones, for SGLang's NEXTN speculative decoding "
+                        "(deepseek_v3; SGLang loads 1) (default: 0)")
     args = parser.parse_args(argv)
+    mtp = {"num_nextn_predict_layers": args.mtp_layers} if args.mtp_layers else {}
     try:
-        out_dir = build_tiny_model(args.arch, args.out, seed=args.seed, dtype=args.dtype, force=args.force)
+        out_dir = build_tiny_model(args.arch, args.out, seed=args.seed, dtype=args.dtype, force=args.force, **mtp)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
     print(f"easyep: built tiny {args.arch} ({args.dtype}, seed {args.seed}) in {out_dir}")

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from easyep_sglang.launch_checks import check_expert_split, check_settings, settings_from_cli
+from easyep_sglang.launch_checks import check_cpu_settings, check_expert_split, check_settings, settings_from_cli
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
 from easyep_sglang.sglang_plugin import TESTED_SGLANG_VERSION
@@ -88,6 +88,8 @@ def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     check_settings(settings_from_cli(passthrough), tp_size=args.tp_size, spec=kept_spec, pruned=prune_as, keep=kept,
                    masked=bool(args.mask or prune_as), record_stats=bool(args.record_stats), model_path=args.model_path)
     on_cpu = args.device == "cpu" or (args.device is None and not gpu_available())
+    if on_cpu:
+        check_cpu_settings(settings_from_cli(passthrough))
     setup = server_setup(args.mask, on_cpu=on_cpu, tp_size=args.tp_size, prune=args.prune,
                          stats_dir=args.record_stats, pruned_checkpoint=bool(pruned and pruned.needs_plugin))
     if args.mask or args.record_stats or pruned and pruned.needs_plugin:

@@ -15,6 +15,7 @@ OVERLAP_FIX = "drop --startup-weight-load-mode overlap (the default, serial, loa
 # MoE runner backends whose TopK hands the kernel raw router logits (TopKOutputFormat BYPASSED or
 # TRITON_KERNEL, layers/moe/topk.py bind_runner_backend): the kernel picks the experts, so chosen ids never
 # pass through the plugin's renumbering. "auto" is checked again when the model is loaded (expert_prune.py).
+DRAFT_MODEL_ALGORITHMS = ("NEXTN", "EAGLE", "EAGLE3")  # SGLang's EAGLE worker family (NEXTN = EAGLE on the MTP layer)
 KERNEL_ROUTING_BACKENDS = ("triton_kernel", "flashinfer_trtllm", "experimental_sgl_trtllm", "flashinfer_mxfp4")
 
 
@@ -32,6 +33,7 @@ def settings_from_cli(argv: list[str]) -> dict:
     parser.add_argument("--enable-dp-attention", action="store_true")
     parser.add_argument("--startup-weight-load-mode", default="serial")
     parser.add_argument("--moe-runner-backend", default="auto")
+    parser.add_argument("--speculative-algorithm")
     try:
         settings, _ = parser.parse_known_args(argv)
     except argparse.ArgumentError as err:
@@ -45,6 +47,17 @@ def ep_size_of(settings: dict, tp_size: int) -> int:
     if settings.get("moe_a2a_backend") not in (None, "none"):
         return tp_size
     return settings.get("ep_size") or 1
+
+
+def check_cpu_settings(settings: dict) -> None:
+    """Refuse what SGLang 0.5.23 cannot run on a CPU with the launcher's work-arounds (server_env.py)."""
+    algorithm = settings.get("speculative_algorithm") or ""
+    if algorithm.upper() in DRAFT_MODEL_ALGORITHMS:
+        # Measured: a DeepSeek NEXTN draft loads, then set_embed_and_head calls torch.cuda.synchronize()
+        # (models/deepseek_v2.py:3448); past that, no EAGLE draft attention backend is torch_native
+        # (speculative/draft_utils.py:64), and the draft tree needs sgl_kernel's CPU build (spec_tree.py:39).
+        raise ValueError(f"--speculative-algorithm {algorithm} does not run on a CPU in SGLang 0.5.23 (its draft "
+                         f"model needs GPU attention and kernels); drop --speculative-algorithm, or serve on a GPU")
 
 
 def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None, pruned: str | None = None,

@@ -5,7 +5,8 @@
 Kept experts are renumbered 0..n-1 in order of original id; router rows (`mlp.gate.*`, including the
 DeepSeek-V3 `e_score_correction_bias`) are sliced to the kept ids in the same order. Bytes are copied,
 never decoded, so FP8 weights and their `weight_scale_inv` stay bit-identical. Layers the mask does not
-name (dense layers, MTP/next-n layers, shared experts) are copied unchanged.
+name (dense layers, MTP/next-n layers, shared experts) are copied unchanged; an MTP layer the mask names is
+pruned like a MoE layer, and only into a stock-exact checkpoint (pruned_checkpoint.check_pruned_mtp).
 
 config.json gets an `easyep` block, written by easyep_sglang.pruned_checkpoint (see there: expert counts,
 stock_engine exact | approximate | plugin-only).
@@ -35,7 +36,7 @@ from easyep_sglang.mask import ExpertMask
 from easyep_sglang.safetensors_stream import (
     INDEX_NAME, Header, OutTensor, TensorInfo, ranges_digest, read_checkpoint, read_header, write_shard,
 )
-from easyep_sglang.pruned_checkpoint import EXPERT_COUNT_KEYS, STOCK_NOTES, pruned_config
+from easyep_sglang.pruned_checkpoint import EXPERT_COUNT_KEYS, STOCK_NOTES, mtp_note, pruned_config
 from easyep_sglang.spec import load_config, spec_from_config
 
 PROVENANCE_NAME = "easyep_prune.json"
@@ -190,11 +191,7 @@ def prune_checkpoint(model_path: str | Path, mask_path: str | Path, out: str | P
     _log(f"wrote {out}: {_size(total)} of {_size(source_total)} of tensors, {len(kept)} layers pruned; stock engine: "
          f"{block['stock_engine']} ({spec.experts_config_key}={new_config[spec.experts_config_key]}"
          + (f", n_group={new_config['n_group']}, topk_group={new_config['topk_group']})" if spec.n_group > 1 else ")")
-         + STOCK_NOTES[block["stock_engine"]])
-    n_stock = new_config[spec.experts_config_key]
-    if odd := [l for l in spec.mtp_layers if block["per_layer_experts"][str(l)] != n_stock]:
-        _log(f"MTP layer(s) {odd} keep a different expert count than config.json says; stock NextN speculative "
-             f"decoding needs the easyep plugin, or name the MTP layer in the mask")
+         + STOCK_NOTES[block["stock_engine"]] + mtp_note(spec, kept))
     if skipped:
         _log(f"not copied (weights in another format, they would be unpruned): {', '.join(map(str, skipped))}")
     return out

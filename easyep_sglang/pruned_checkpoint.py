@@ -1,14 +1,15 @@
 """The `easyep` block of an offline-pruned checkpoint's config.json: written by the pruner, read by the launcher.
 
 The routed-expert count keys (`n_routed_experts`, `num_experts`, `num_local_experts`, those
-present) get the largest count over the MoE layers (MTP layers aside), and the `easyep` block records what
-the plugin needs:
+present) get the largest count over the MoE and MTP layers, and the `easyep` block records what the
+plugin needs:
     {"format": "easyep-pruned", "version": 1, "stock_engine": "exact" | "approximate" | "plugin-only",
      "source_n_experts", "source_n_group", "source_topk_group", "source_fingerprint", "mask_digest",
      "per_layer_experts": {"<layer>": count, ...},           # every MoE and MTP layer
      "kept": {"<layer>": [orig id of new expert 0, ...]}}    # pruned layers; orig group = orig id // group size
-`stock_engine` says how a stock engine (one expert count, one group setting) serves the result:
-- exact: every MoE layer keeps the same count, and either routing has no groups (softmax over kept logits
+`stock_engine` says how a stock engine (one expert count, one group setting, read by the main model and by
+SGLang's NextN draft of the MTP layer alike) serves the result:
+- exact: every MoE and MTP layer keeps the same count, and either routing has no groups (softmax over kept logits
   equals the masked softmax; top-k over kept sigmoid scores equals the -1e4-bias mask), or every layer keeps
   m experts in each of g groups, with m = group size or m >= the group score width (top-2 for sigmoid, max
   for softmax). Group scores then equal the masked model's, empty groups never win, so `n_group = g`,
@@ -17,7 +18,12 @@ the plugin needs:
   topk_group = 1` (plain top-k over kept experts), which can differ from the masked model. Exact routing needs
   the easyep plugin, which routes in the source expert space using `kept`.
 - plugin-only: counts differ per layer; only the easyep plugin loads it (it reads `per_layer_experts`).
-An MTP layer left unpruned keeps all its experts; a stock engine's NextN draft model then needs the plugin.
+  The largest count goes into config.json, so a stock engine refuses the smaller layers (a size mismatch at
+  load) instead of routing them wrongly.
+An MTP layer the mask does not name keeps all its experts, so beside pruned MoE layers it makes the checkpoint
+plugin-only: our launcher restores the source expert count for the main model and the NextN draft alike. A
+pruned MTP layer must keep the checkpoint `exact` (`check_pruned_mtp`): the plugin builds SGLang's draft
+model in full and does not renumber its experts, so only stock routing serves a pruned MTP layer.
 
 A stock engine routes a pruned checkpoint over the kept experts with the config's own group
 settings; that is exact only when the pruner says `stock_engine: exact`. Otherwise our plugin serves
@@ -70,7 +76,12 @@ def read_pruned_checkpoint(model_path) -> PrunedCheckpoint | None:
     if source_spec.fingerprint != block["source_fingerprint"]:
         raise ValueError(f"{model_path}: config.json no longer matches the checkpoint it was pruned from; re-run the pruner")
     keep = {int(l): tuple(ids) for l, ids in block["kept"].items()}
-    return PrunedCheckpoint(block["stock_engine"], source_spec, keep, overrides)
+    stock = stock_routing(source_spec, keep)[3]
+    if stock != block["stock_engine"]:  # an earlier pruner judged the MoE layers alone, MTP layers aside
+        raise ValueError(f"{model_path}: config.json says stock_engine '{block['stock_engine']}', but its layers' "
+                         f"kept experts make it '{stock}'; re-run python -m easyep_sglang.prune")
+    check_pruned_mtp(source_spec, keep)
+    return PrunedCheckpoint(stock, source_spec, keep, overrides)
 
 
 def _group_shape(spec: MoESpec, ids) -> tuple[int, int] | None:
@@ -81,8 +92,16 @@ def _group_shape(spec: MoESpec, ids) -> tuple[int, int] | None:
 
 
 def stock_routing(spec: MoESpec, kept: dict[int, tuple[int, ...]]) -> tuple[int, int, int, str]:
-    """(expert count, n_group, topk_group, stock_engine) for the pruned config; see the module docstring."""
-    layer_ids = {l: kept.get(l, range(spec.n_experts)) for l in spec.moe_layers}
+    """(expert count, n_group, topk_group, stock_engine) for the pruned config, over every MoE and MTP layer;
+    see the module docstring."""
+    return _stock_routing(spec, _layer_ids(spec, kept, spec.prunable_layers))
+
+
+def _layer_ids(spec: MoESpec, kept: dict[int, tuple[int, ...]], layers: tuple[int, ...]) -> dict:
+    return {l: kept.get(l, range(spec.n_experts)) for l in layers}
+
+
+def _stock_routing(spec: MoESpec, layer_ids: dict) -> tuple[int, int, int, str]:
     counts = {len(ids) for ids in layer_ids.values()}
     n = max(counts)
     if len(counts) > 1:
@@ -96,7 +115,36 @@ def stock_routing(spec: MoESpec, kept: dict[int, tuple[int, ...]]) -> tuple[int,
     return n, 1, 1, "approximate"
 
 
+def check_pruned_mtp(spec: MoESpec, kept: dict[int, tuple[int, ...]]) -> None:
+    """Refuse a pruned MTP layer in a checkpoint that is not `exact` (see the module docstring)."""
+    pruned_mtp = sorted(set(kept) & set(spec.mtp_layers))
+    if not pruned_mtp or stock_routing(spec, kept)[3] == "exact":
+        return
+    n, _, _, main_stock = _stock_routing(spec, _layer_ids(spec, kept, spec.moe_layers))
+    if main_stock != "exact":
+        fix = f"remove layer(s) {pruned_mtp} from the mask: the MoE layers alone are {main_stock} in stock engines"
+    elif spec.n_group > 1 and (shape := _group_shape(spec, kept.get(spec.moe_layers[0], range(spec.n_experts)))):
+        fix = f"keep {n} experts in layer(s) {pruned_mtp} as the MoE layers do, {shape[1]} in each of {shape[0]} groups"
+    else:
+        fix = f"keep {n} experts in layer(s) {pruned_mtp}, as every MoE layer does"
+    raise ValueError(f"MTP layer(s) {pruned_mtp} are pruned, but SGLang's NextN draft serves a pruned MTP layer only "
+                     f"from a stock-exact checkpoint (the easyep plugin builds the draft in full); {fix}, or leave "
+                     f"them out of the mask (the easyep launcher then serves them unpruned)")
+
+
+def mtp_note(spec: MoESpec, kept: dict[int, tuple[int, ...]]) -> str:
+    """Why a checkpoint whose MoE layers alone would be exact is not: its MTP layers keep other counts."""
+    main = _stock_routing(spec, _layer_ids(spec, kept, spec.moe_layers))
+    if not spec.mtp_layers or main[3] != "exact" or stock_routing(spec, kept)[3] == "exact":
+        return ""
+    counts = sorted({len(ids) for ids in _layer_ids(spec, kept, spec.mtp_layers).values()})
+    return (f"; the MoE layers alone keep {main[0]} experts each and would be exact, but MTP layer(s) "
+            f"{list(spec.mtp_layers)} keep {'/'.join(map(str, counts))}: name them in the mask with the MoE layers' "
+            f"count and groups for a checkpoint that stock SGLang serves with NEXTN speculative decoding")
+
+
 def pruned_config(config: dict, spec: MoESpec, kept: dict[int, tuple[int, ...]], mask_digest: str) -> dict:
+    check_pruned_mtp(spec, kept)
     n, n_group, topk_group, stock = stock_routing(spec, kept)
     new = dict(config)
     for key in EXPERT_COUNT_KEYS:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -32,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from easyep_sglang.demo import DEMO_MODEL
-from easyep_sglang.demo_model import build_tiny_model
 from easyep_sglang.mask import ExpertMask
 from easyep_sglang.prune import prune_checkpoint
 from easyep_sglang.server_process import LaunchedServer
@@ -58,9 +58,9 @@ MASKS = {
     "deepseek_v3_mtp/whole": {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15],
                               3: [0, 1, 2, 3, 12, 13, 14, 15]},
 }
-# Tiny-model variants: ARCH -> (demo_model arch, build overrides). deepseek_v3_mtp adds a next-n (MTP) layer 3 to
-# deepseek_v3, whose layers 0-2 it keeps bit for bit.
-VARIANTS = {"deepseek_v3_mtp": ("deepseek_v3", {"num_nextn_predict_layers": 1})}
+# Tiny-model variants: ARCH -> (demo_model arch, its command-line flags). deepseek_v3_mtp adds a next-n (MTP)
+# layer 3 to deepseek_v3, whose layers 0-2 it keeps bit for bit.
+VARIANTS = {"deepseek_v3_mtp": ("deepseek_v3", ("--mtp-layers", "1"))}
 # Flags every server of a tiny model gets: DeepSeek prefills in chunks of 16 tokens with the prefix cache on,
 # Qwen in one chunk with the cache off, so calibration (and everything else) is checked under both.
 MODEL_ARGS = {"deepseek_v3": ("--chunked-prefill-size", "16"), "qwen3_moe": ("--disable-radix-cache",)}
@@ -156,8 +156,15 @@ class ModelStore:
             prune_checkpoint(self.model(f"{mask.split('/')[0]}/fp32"), self.mask(mask), out)
             return out
         arch, dtype = key.split("/")
-        arch, overrides = VARIANTS.get(arch, (arch, {}))
-        return build_tiny_model(arch, out, dtype=DTYPES[dtype], **overrides)
+        arch, flags = VARIANTS.get(arch, (arch, ()))
+        # In a child process: a build draws from torch's global random generator, which the tests running meanwhile
+        # in the main thread draw from too (the pool builds ahead in its thread), and would then differ from run to run.
+        command = [sys.executable, "-m", "easyep_sglang.demo_model", "--arch", arch, "--dtype", DTYPES[dtype],
+                   "--out", str(out), *flags]
+        built = subprocess.run(command, capture_output=True, text=True)
+        if built.returncode:
+            raise RuntimeError(f"building {key} failed: {built.stderr.strip()[-2000:]}")
+        return out
 
 
 class ServerPool:

@@ -163,11 +163,13 @@ def deepseek(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 
 
 WHOLE_GROUPS = {1: [0, 1, 2, 3, 4, 5, 6, 7, 12, 13, 14, 15], 2: [0, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15]}
+TWO_PER_GROUP = [0, 1, 4, 5, 8, 9, 12, 13]
+# The MTP layer (3) keeps all 16 experts unless the mask names it, so the checkpoint is then plugin-only.
 DEEPSEEK_CASES = {  # mask -> (n_routed_experts, n_group, topk_group, stock_engine)
-    "uniform-split-groups": ({1: [0, 1, 2, 4, 5, 6, 8, 12], 2: [1, 3, 5, 7, 9, 11, 13, 15]}, (8, 1, 1, "approximate")),
-    "per-layer-counts": ({1: list(range(8)), 2: list(range(12))}, (12, 1, 1, "plugin-only")),
-    "whole-groups": (WHOLE_GROUPS, (12, 3, 2, "exact")),
-    "two-per-group": ({1: [0, 1, 4, 5, 8, 9, 12, 13], 2: [2, 3, 6, 7, 10, 11, 14, 15]}, (8, 4, 2, "exact")),
+    "uniform-split-groups": ({1: [0, 1, 2, 4, 5, 6, 8, 12], 2: [1, 3, 5, 7, 9, 11, 13, 15]}, (E, 1, 1, "plugin-only")),
+    "per-layer-counts": ({1: list(range(8)), 2: list(range(12))}, (E, 1, 1, "plugin-only")),
+    "whole-groups": (WHOLE_GROUPS, (E, 1, 1, "plugin-only")),
+    "two-per-group": ({1: TWO_PER_GROUP, 2: [2, 3, 6, 7, 10, 11, 14, 15], 3: TWO_PER_GROUP}, (8, 4, 2, "exact")),
     "mtp-too": ({**WHOLE_GROUPS, 3: [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]}, (12, 3, 2, "exact")),
 }
 
@@ -420,12 +422,13 @@ def test_router_rows_merge_into_ranges():
 
 
 def test_stock_routing_rules():
-    v3 = spec_from_config(DEEPSEEK_CONFIG)  # sigmoid: a group's score is its top-2 sum
+    v3 = spec_from_config({**DEEPSEEK_CONFIG, "num_nextn_predict_layers": 0})  # sigmoid: a group's score is its top-2 sum
     one_per_group = {1: [0, 4, 8, 12], 2: [1, 5, 9, 13]}
     assert pruned_checkpoint.stock_routing(v3, one_per_group) == (4, 1, 1, "approximate")
     assert pruned_checkpoint.stock_routing(v3, {}) == (E, 4, 2, "exact")
     v2 = spec_from_config({**DEEPSEEK_CONFIG, "architectures": ["DeepseekV2ForCausalLM"], "num_experts_per_tok": 2,
-                           "topk_method": "group_limited_greedy", "scoring_func": "softmax"})
+                           "topk_method": "group_limited_greedy", "scoring_func": "softmax",
+                           "num_nextn_predict_layers": 0})
     assert pruned_checkpoint.stock_routing(v2, one_per_group) == (4, 4, 2, "exact")  # softmax: a group's score is its max
     assert pruned_checkpoint.stock_routing(v2, {1: [0, 4, 8, 12]}) == (E, 1, 1, "plugin-only")
 
