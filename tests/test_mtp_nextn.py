@@ -2,11 +2,12 @@
 
 SGLang's NEXTN speculative decoding does not run on this CPU (the launcher refuses it: launch_checks.py
 check_cpu_settings); a real server loads target and draft, then stops in the draft worker's setup. So the draft
-model is built the way a draft worker builds it, in a separate process: the launcher's own server arguments (launch.prepare, which adds --json-model-override-args for a
-plugin-served checkpoint) are parsed by SGLang's prepare_server_args, SGLang loads its plugins (ours among
-them), and SGLang's model loader builds `DeepseekV3ForCausalLMNextN` from the checkpoint under
-draft_model_build_scope. The target model is loaded the same way. The loaded MoE weights of the draft are then
-compared with the source checkpoint's MTP layer, computed here with torch indexing.
+model is built the way a draft worker builds it, in a separate process: the launcher's own server arguments
+(launch.prepare, which adds --json-model-override-args for a plugin-served checkpoint) are parsed by SGLang's
+prepare_server_args, SGLang loads its plugins (ours among them), and SGLang's model loader builds
+`DeepseekV3ForCausalLMNextN` from the checkpoint under draft_model_build_scope. The target model is loaded the
+same way. The loaded MoE weights of the draft are then compared with the source checkpoint's MTP layer,
+computed here with torch indexing.
 """
 
 from __future__ import annotations
