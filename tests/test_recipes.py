@@ -2,6 +2,7 @@
 tiny model of its architecture (--dry-run); the CPU demo really serves."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -54,6 +55,22 @@ def test_gpu_recipe_passes_every_check_on_a_tiny_model_of_its_architecture(scrip
            f"--tp-size {tp} " in proc.stderr
     checked = "pruned checkpoint (plugin-only in stock engines)" if mode == "pruned" else "experts kept"
     assert checked in proc.stderr
+
+
+def deployment_table(readme: Path) -> list[str]:
+    lines = readme.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| mode | TP |"))
+    return lines[start:next(i for i in range(start, len(lines)) if not lines[i].startswith("|"))]
+
+
+def test_deployment_table_is_one_table_and_cites_tests_that_exist():
+    table = deployment_table(LAUNCH.parent / "README.md")
+    assert table == deployment_table(LAUNCH / "README.md")
+    assert len(table) == 2 + 6 and all(len(row.strip("|").split("|")) == 11 for row in table)  # 6 modes, 10 columns
+    defined = set(re.findall(r"^def (test_\w+)", "\n".join(p.read_text() for p in LAUNCH.parent.glob("tests/test_*.py")),
+                             re.MULTILINE))
+    cited = set(re.findall(r"`(test_\w+)", "\n".join(table)))
+    assert cited and not cited - defined, sorted(cited - defined)
 
 
 def test_cpu_demo_serves_and_stops(tmp_path):
