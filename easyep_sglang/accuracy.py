@@ -4,7 +4,10 @@ answers compared symbolically by math-verify.
     python -m easyep_sglang.accuracy --base-url URL --model NAME --data problems.jsonl --out report.jsonl \\
         [--n 5] [--temperature 0.6] [--top-p 0.95] [--max-tokens 32768] [--concurrency 8]
 
-Data: JSONL rows {"problem": ..., "answer": ...}; easyep_sglang/data/tiny_math.jsonl is a bundled example.
+Data: rows {"problem": ..., "answer": ...}, or {"problem": ..., "solution": "... \\boxed{204}"} (AIME, HMMT) whose
+last \\boxed{} is the answer, in any format easyep_sglang/datasets_io.py reads (JSONL, JSON, Parquet, Arrow, CSV,
+a folder written by datasets' save_to_disk; --split, --problem-field, --answer-field);
+easyep_sglang/data/tiny_math.jsonl is a bundled example.
 Defaults follow the EASY-EP evaluation (DeepSeek-R1: 5 samples at temperature 0.6, top-p 0.95, up to
 32k tokens; pass@1 = mean correctness over the samples). One report row per run, with the provenance
 of the benchmark rows (easyep_sglang/report.py), is appended to --out; it records the mask digest the server
@@ -14,8 +17,6 @@ reports, and a server that serves another mask than --mask names is refused befo
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import re
 import sys
@@ -24,11 +25,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
+from easyep_sglang.datasets_io import SUPPORTED, DataError, Rows, data_digest, load_rows
 from easyep_sglang.report import append_row, provenance
 
 R1_MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
 BUNDLED_DATA = Path(__file__).parent / "data" / "tiny_math.jsonl"
 TEXT_TAIL_CHARS = 1000  # of each completion kept in the report: enough to see the final answer
+PROBLEM_FIELDS = ("problem", "question", "prompt", "input")
+ANSWER_FIELDS = ("answer", "solution")  # the first the data has, unless --answer-field names one
+SOLUTION_FIELDS = ("solution",)  # worked solutions: only their last \boxed{} is the answer
 _AFTER_A = re.compile(r"A:[ \t]*([^\n]*)")
 
 
@@ -39,15 +44,24 @@ def extract_answer(text: str) -> str | None:
     2. Otherwise the rest of the line after the last "A:", the format of few-shot "Q: ... A: 85" prompts
        such as our tiny demo data.
     """
-    start = text.rfind("\\boxed{")
-    if start >= 0:
-        depth, i = 1, start + len("\\boxed{")
-        for j in range(i, len(text)):
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            if depth == 0:
-                return text[i:j].strip()
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
     matches = _AFTER_A.findall(text)
     return (matches[-1].strip() or None) if matches else None
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last \\boxed{...}, nested braces balanced; None if there is none, or it is unclosed."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    depth, i = 1, start + len("\\boxed{")
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i:j].strip()
+    return None
 
 
 def is_correct(prediction: str | None, gold: str) -> bool:
@@ -66,23 +80,28 @@ class Problem:
     answer: str
 
 
-def load_problems(path: str | Path) -> list[Problem]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; --data takes a JSONL file of {{problem, answer}} rows")
-    problems = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            problems.append(Problem(str(row["problem"]), str(row["answer"])))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ValueError(f"{path}:{number}: each line must be a JSON object with 'problem' and 'answer' "
-                             f"({err})") from None
-    if not problems:
-        raise ValueError(f"{path} holds no problems")
-    return problems
+def load_problems(path: str | Path, split: str | None = None, problem_field: str | None = None,
+                  answer_field: str | None = None) -> list[Problem]:
+    """The problems and their gold answers. The answer field is --answer-field, else the first of ANSWER_FIELDS
+    the data has; a value holding \\boxed{} gives the content of its last one, and a solution must hold one."""
+    rows = load_rows(path, split)
+    problem = rows.pick("problem", PROBLEM_FIELDS, problem_field, "--problem-field")
+    answer = rows.pick("answer", ANSWER_FIELDS, answer_field, "--answer-field")
+    return [_problem(rows, n, row, problem, answer) for n, row in enumerate(rows.rows, 1)]
+
+
+def _problem(rows: Rows, n: int, row: dict, problem: str, answer: str) -> Problem:
+    where = f"{rows.source} row {n}"
+    if not isinstance(row.get(problem), str) or not row[problem].strip():
+        raise DataError(f"{where} has no {problem!r} text; fill it, or name the problem field with --problem-field")
+    value = row.get(answer)
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or not str(value).strip():
+        raise DataError(f"{where} has no {answer!r} answer; fill it, or name the answer field with --answer-field")
+    gold = last_boxed(str(value)) if "\\boxed{" in str(value) or answer in SOLUTION_FIELDS else str(value).strip()
+    if not gold:
+        raise DataError(f"{where}: {answer!r} holds no complete \\boxed{{}} answer; fix the row, or name the field "
+                        "that holds the final answer with --answer-field")
+    return Problem(row[problem], gold)
 
 
 def sample(client, args, problem: Problem, seed: int | None) -> dict:
@@ -113,7 +132,7 @@ def evaluate(args) -> dict:
     from openai import APIConnectionError, AuthenticationError, OpenAI
     from tqdm import tqdm
 
-    problems = load_problems(args.data)
+    problems = load_problems(args.data, args.split, args.problem_field, args.answer_field)
     client = OpenAI(base_url=args.base_url.rstrip("/") + "/v1", api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
                     timeout=args.request_timeout, max_retries=1)
     try:
@@ -145,8 +164,8 @@ def evaluate(args) -> dict:
         for i, p in enumerate(problems)
     ]
     return {
-        "kind": "accuracy", "data": str(args.data),
-        "data_sha256": hashlib.sha256(Path(args.data).read_bytes()).hexdigest(),
+        "kind": "accuracy", "data": str(args.data), "data_sha256": data_digest(args.data), "data_split": args.split,
+        "data_fields": {"problem": args.problem_field, "answer": args.answer_field},
         "served_model": args.model, "n": args.n, "temperature": args.temperature, "top_p": args.top_p,
         "max_tokens": args.max_tokens, "concurrency": args.concurrency, "seed": args.seed,
         "prompt_suffix": args.prompt_suffix, "api": args.api, "stop": args.stop,
@@ -164,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--base-url", required=True, help="server address, e.g. http://127.0.0.1:30000")
     parser.add_argument("--model", required=True, help="served model name (GET /v1/models lists it)")
-    parser.add_argument("--data", default=str(BUNDLED_DATA),
-                        help="JSONL of {problem, answer} (default: the bundled tiny_math.jsonl)")
+    parser.add_argument("--data", default=str(BUNDLED_DATA), metavar="PATH",
+                        help=f"problems with answers: {SUPPORTED} (default: the bundled tiny_math.jsonl)")
+    parser.add_argument("--split", help="the split to read, where the data has several (e.g. a saved DatasetDict)")
+    parser.add_argument("--problem-field", metavar="FIELD",
+                        help=f"the problem's field (default: the first of {', '.join(PROBLEM_FIELDS)} the data has)")
+    parser.add_argument("--answer-field", metavar="FIELD", help="the gold answer's field; a value holding \\boxed{} "
+                        f"answers with its last one (default: the first of {', '.join(ANSWER_FIELDS)} the data has)")
     parser.add_argument("--out", required=True, help="JSONL report; one row per run is appended")
     parser.add_argument("--n", type=int, default=5, help="samples per problem (default: 5)")
     parser.add_argument("--temperature", type=float, default=0.6, help="(default: 0.6)")

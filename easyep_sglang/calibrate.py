@@ -9,6 +9,12 @@
    --disable-radix-cache; the server's cached_tokens and the recorded token count are checked.
 4. The worker's ExpertStats dump is saved to --out with its provenance.
 
+--prompts is read with Hugging Face datasets (JSONL, JSON, Parquet, Arrow, CSV, text, or a folder written by
+save_to_disk; --split picks a split); easyep_sglang/calibration_data.py says which fields hold the prompt,
+chat messages and response. Data that cannot be used (no such field, no rows, no such split, a sample longer
+than the model's context) is refused before a server starts; a response longer than the server's limit is
+refused, or cut to fit with --truncate-responses.
+
 Without --base-url a server is started through our launcher with --record-stats (arguments this
 command does not know go to SGLang). With --base-url, the server must have been started by
 `python -m easyep_sglang.launch --record-stats DIR`, and --stats-dir must name that DIR.
@@ -25,27 +31,19 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from easyep_sglang.calibration_data import (PROMPT_FIELDS, RESPONSE_FIELDS, Fields, Sample, fit_to_context,
+                                            model_context_bound, read_prompts, tokenize)
+from easyep_sglang.datasets_io import SUPPORTED, data_digest
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.sglang_plugin.stats_recorder import DUMP_GLOB
 from easyep_sglang.spec import spec_from_model_path
 from easyep_sglang.stats import ExpertStats
 
 GENERATE_BATCH = 8  # prompts per /generate call while answering
-
-
-@dataclass(frozen=True)
-class Sample:
-    prompt_ids: tuple[int, ...]
-    response_ids: tuple[int, ...] = ()
-
-    @property
-    def token_ids(self) -> list[int]:
-        return [*self.prompt_ids, *self.response_ids]
 
 
 class ServerClient:
@@ -77,39 +75,11 @@ class ServerClient:
         """action: start (resets the statistics), stop or dump."""
         self._post(f"/{action}_expert_distribution_record")
 
-
-def read_prompts(path: str | Path) -> list[dict]:
-    """.jsonl: one object per line with `text`/`prompt` or `messages`, optionally `response`; else one prompt per line."""
-    path = Path(path)
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
-    if path.suffix != ".jsonl":
-        return [{"text": line} for _, line in lines]
-    records = []
-    for n, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{n} is not JSON ({err})") from None
-        if not isinstance(record, dict) or not ({"text", "prompt", "messages"} & record.keys()):
-            raise ValueError(f"{path}:{n} needs a 'text', 'prompt' or 'messages' field")
-        records.append(record)
-    return records
-
-
-def tokenize(records: list[dict], tokenizer, use_responses: bool) -> list[Sample]:
-    """Prompt ids as SGLang makes them (BOS included; chat messages through the chat template)."""
-    samples = []
-    for n, record in enumerate(records, 1):
-        if "messages" in record:
-            prompt = tokenizer.apply_chat_template(record["messages"], tokenize=True, add_generation_prompt=True,
-                                                   return_dict=False)
-        else:
-            prompt = tokenizer(record.get("text", record.get("prompt")))["input_ids"]
-        if use_responses and not isinstance(record.get("response"), str):
-            raise ValueError(f"prompt {n} has no 'response' string; drop --use-responses to let the model answer")
-        response = tokenizer(record["response"], add_special_tokens=False)["input_ids"] if use_responses else ()
-        samples.append(Sample(tuple(prompt), tuple(response)))
-    return samples
+    def max_input_tokens(self) -> int | None:
+        """The most tokens one request may hold: SGLang refuses `max_req_input_len` or more (None if not reported)."""
+        with urllib.request.urlopen(self.base_url + "/server_info", timeout=self.timeout) as resp:
+            limit = json.load(resp).get("max_req_input_len")
+        return limit - 1 if isinstance(limit, int) else None
 
 
 def answer(client, samples: list[Sample], max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[Sample]:
@@ -210,8 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--out stats/math.safetensors\n\n" + __doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-path", required=True, metavar="DIR", help="local Hugging Face model directory")
-    parser.add_argument("--prompts", required=True, metavar="FILE",
-                        help="JSONL with 'text'/'prompt' or chat 'messages' (and 'response'), or text, one prompt per line")
+    parser.add_argument("--prompts", required=True, metavar="PATH",
+                        help=f"the prompts, read with Hugging Face datasets: {SUPPORTED} (.txt: one prompt per line)")
+    parser.add_argument("--split", help="the split to read, where the data has several (e.g. a saved DatasetDict)")
+    parser.add_argument("--prompt-field", metavar="FIELD", help="the prompt's field (default: the first of "
+                        f"{', '.join(PROMPT_FIELDS)} the data has)")
+    parser.add_argument("--messages-field", metavar="FIELD", help="chat turns [{role, content}], rendered by the "
+                        "model's chat template (default: 'messages', if the data has it)")
+    parser.add_argument("--response-field", metavar="FIELD", help="the response's field, read with --use-responses "
+                        f"(default: the first of {', '.join(RESPONSE_FIELDS)} the data has)")
     parser.add_argument("--domain", required=True, help="domain name recorded in the provenance, e.g. math")
     parser.add_argument("--out", required=True, metavar="FILE", help="statistics file to write (.safetensors)")
     parser.add_argument("--num-samples", type=int, default=25, metavar="N", help="keep the N longest samples (default: %(default)s)")
@@ -219,21 +196,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.6, metavar="T", help="answer sampling (default: %(default)s)")
     parser.add_argument("--top-p", type=float, default=0.95, metavar="P", help="answer sampling (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed of the first prompt (default: %(default)s)")
-    parser.add_argument("--use-responses", action="store_true", help="take the answers from the 'response' fields")
+    parser.add_argument("--use-responses", action="store_true", help="take the answers from the response field")
+    parser.add_argument("--truncate-responses", action="store_true", help="cut a response that does not fit the "
+                        "server's context to its first tokens that do, and log how many (default: refuse such data)")
     parser.add_argument("--base-url", metavar="URL", help="a running server started with python -m easyep_sglang.launch --record-stats DIR")
     parser.add_argument("--stats-dir", metavar="DIR", help="with --base-url: the server's --record-stats DIR")
     return parser
 
 
 def run(args: argparse.Namespace, sglang_args: list[str]) -> tuple[ExpertStats, dict]:
-    from transformers import AutoTokenizer
-
     if args.num_samples < 1:
         raise ValueError(f"--num-samples {args.num_samples} must be at least 1")
     spec = spec_from_model_path(args.model_path)
-    records = read_prompts(args.prompts)
-    samples = tokenize(records, AutoTokenizer.from_pretrained(args.model_path), args.use_responses)
+    records, samples = load_samples(args, sglang_args)  # every data error is raised here, before a server starts
+    room = 0 if args.use_responses else args.max_new_tokens  # tokens each prompt must leave for the answer
     with connect(args, sglang_args) as (client, stats_dir):
+        limit = client.max_input_tokens() if hasattr(client, "max_input_tokens") else None
+        if limit is not None:
+            samples = fit_to_context(samples, limit, "the server's longest input", args.truncate_responses, room)
         if not args.use_responses:
             samples = answer(client, samples, args.max_new_tokens, args.temperature, args.top_p, args.seed)
         samples = longest(samples, args.num_samples)
@@ -243,10 +223,28 @@ def run(args: argparse.Namespace, sglang_args: list[str]) -> tuple[ExpertStats, 
                          "pass the server's --model-path")
     settings = {key: getattr(args, key) for key in ("num_samples", "max_new_tokens", "temperature", "top_p", "seed",
                                                     "use_responses")}
+    prompts = {"path": str(args.prompts), "split": args.split, "sha256": data_digest(args.prompts),
+               "count": len(records), "truncate_responses": args.truncate_responses,
+               "fields": {key: getattr(args, f"{key}_field") for key in ("prompt", "messages", "response")}}
     provenance = {**recorded, "model_path": str(args.model_path), "domain": args.domain, "samples": len(samples),
-                  "prompts": {"path": str(args.prompts), "count": len(records)}, "settings": settings}
+                  "prompts": prompts, "settings": settings}
     stats.save(args.out, provenance)
     return stats, provenance
+
+
+def load_samples(args: argparse.Namespace, sglang_args: list[str]) -> tuple[list[dict], list[Sample]]:
+    """The records and their samples; refuses data that no server of this model could take."""
+    from transformers import AutoTokenizer
+
+    fields = Fields(args.prompt_field, args.messages_field, args.response_field)
+    records = read_prompts(args.prompts, args.split, fields, args.use_responses)
+    samples = tokenize(records, AutoTokenizer.from_pretrained(args.model_path), args.use_responses)
+    bound = model_context_bound(args.model_path, sglang_args)
+    if bound is not None:  # cut later, once, to the server's exact limit; refused now if no server could serve it
+        checked = samples if not args.truncate_responses else [Sample(s.prompt_ids) for s in samples]
+        fit_to_context(checked, bound, "the model's context", truncate=False,
+                       room=0 if args.use_responses else args.max_new_tokens)
+    return records, samples
 
 
 def main(argv: list[str] | None = None) -> None:

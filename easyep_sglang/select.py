@@ -13,13 +13,19 @@ from easyep_sglang.score import SCORERS, keep_for_ratio, mix_domains, score, sel
 from easyep_sglang.spec import MoESpec, spec_from_model_path
 from easyep_sglang.stats import ExpertStats, package_version, utc_now
 
+TIE_WARN_SHARE = 0.25  # warn when a tie-break, not the score, chose more than this share of a layer's kept experts
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m easyep_sglang.select",
         description="Choose the routed experts to keep from calibration statistics and write an expert mask.",
         epilog="example: python -m easyep_sglang.select --stats math.safetensors code.safetensors "
-        "--domain-weights 2,1 --method easy_ep --keep 128 --model-path /models/DeepSeek-R1 --out mask.json",
+        "--domain-weights 2,1 --method easy_ep --keep 128 --model-path /models/DeepSeek-R1 --out mask.json\n\n"
+        "Statistics with no tokens, or a MoE layer without any, are refused. A warning names the layers where "
+        f"experts of equal score decided more than {TIE_WARN_SHARE:.0%} of the kept set (ties break by lower "
+        "expert id): usually too few calibration tokens.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--stats", nargs="+", required=True, metavar="FILE",
@@ -60,7 +66,40 @@ def load_stats(path: str, spec: MoESpec, model_path: str) -> tuple[ExpertStats, 
             f"{path} covers layers {list(stats.layer_ids)} x {stats.n_experts} experts, but {spec.describe()} "
             f"has MoE layers {list(spec.moe_layers)}; collect statistics for this model"
         )
+    check_tokens(path, stats, provenance)
     return stats, provenance
+
+
+def check_tokens(path: str, stats: ExpertStats, provenance: dict) -> None:
+    """Refuse statistics that hold no tokens, or a MoE layer that holds none: a mask is never made from nothing."""
+    empty = [layer for layer, count in zip(stats.layer_ids, stats.tokens.tolist()) if count <= 0]
+    if len(empty) == len(stats.layer_ids):
+        raise ValueError(f"{path} holds no calibration tokens ({provenance.get('samples', 0)} samples); calibrate "
+                         "on prompts that give tokens (python -m easyep_sglang.calibrate), then select from them")
+    if empty:
+        raise ValueError(f"{path}: MoE layers {empty} recorded no tokens while others recorded "
+                         f"{int(stats.tokens.max())}; every token passes every MoE layer, so the file is damaged: "
+                         "recalibrate")
+
+
+def tie_decided(row: list[float], kept: list[int]) -> int:
+    """How many kept experts have the score of some pruned expert: the tie-break, not the score, kept them."""
+    kept_set = set(kept)
+    pruned_scores = {score for expert, score in enumerate(row) if expert not in kept_set}
+    return sum(row[expert] in pruned_scores for expert in kept)
+
+
+def warn_ties(scores, keep: dict[int, list[int]], spec: MoESpec) -> None:
+    """One line on stderr naming the layers where ties chose more than TIE_WARN_SHARE of the kept set."""
+    rows = dict(zip(spec.moe_layers, scores.tolist()))  # layer -> [E]
+    decided = {layer: tie_decided(rows[layer], kept) for layer, kept in keep.items()}
+    tied = [layer for layer, n in decided.items() if n > TIE_WARN_SHARE * len(keep[layer])]
+    if tied:
+        worst = sorted(tied, key=lambda layer: -decided[layer] / len(keep[layer]))[:3]
+        detail = ", ".join(f"layer {layer}: {decided[layer]} of {len(keep[layer])}" for layer in worst)
+        print(f"easyep select: warning: in {len(tied)} of {len(keep)} MoE layers, experts of equal score decided more "
+              f"than {TIE_WARN_SHARE:.0%} of the kept set ({detail}); calibrate on more tokens, or keep fewer experts",
+              file=sys.stderr)
 
 
 def parse_weights(text: str | None, n_files: int) -> list[float] | None:
@@ -91,6 +130,7 @@ def run(args: argparse.Namespace) -> tuple[ExpertMask, MoESpec]:
         keep = select_uniform(scores, spec, per_layer, step)
     if step > 1:
         selection["multiple_of"] = step
+    warn_ties(scores, keep, spec)
     provenance = {
         "stats": [
             {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "provenance": prov}

@@ -37,7 +37,7 @@ def test_read_prompts_formats_and_errors(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="prompt 1 has no 'response' string"):
         calibrate.tokenize(lines, tokenizer, use_responses=True)
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"answer": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2 needs a 'text', 'prompt' or 'messages' field"):
+    with pytest.raises(ValueError, match=r"bad.jsonl row 2 has no prompt: its 'text' is empty; .* --prompt-field"):
         calibrate.read_prompts(tmp_path / "bad.jsonl")
     short, long_, mid = Sample((1,)), Sample((1, 2, 3)), Sample((1, 2), (3,))
     assert calibrate.longest([short, long_, mid], 2) == [long_, mid]

@@ -239,6 +239,7 @@ def write_stats(path, config, statistic, rows, stats_config=None):
     spec = spec_from_config(config)
     stats = ExpertStats.zeros(spec)
     getattr(stats, statistic).copy_(torch.tensor(rows, dtype=torch.float64))
+    stats.tokens.fill_(10)  # select refuses statistics without tokens
     stats.save(path, {"model": spec_from_config(stats_config or config).identity(), "domain": path.stem})
     return str(path)
 

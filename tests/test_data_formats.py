@@ -1,0 +1,274 @@
+"""Bring your own data: every format easyep_sglang.datasets_io reads calibrates to the same statistics, and scores
+the same pass@1, as the equivalent JSONL; data that cannot be used is refused in one line naming the fix, before
+any server starts; select refuses statistics without tokens and warns when ties choose the kept experts."""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from easyep_sglang import accuracy, calibrate, select
+from easyep_sglang.calibrate import ServerClient, collect, flush_prefix_cache
+from easyep_sglang.calibration_data import Sample, fit_to_context, read_prompts
+from easyep_sglang.datasets_io import DataError
+from easyep_sglang.report import read_rows
+from easyep_sglang.server_process import free_port
+from easyep_sglang.spec import spec_from_model_path
+from easyep_sglang.stats import ExpertStats
+
+# A shared pool server (test_calibrate's too) that prefills each sample in one chunk (chunked prefill 1024, no
+# prefix cache): DeepSeek's pool server takes chunks of 16, so a 4,000-token sample would cost minutes.
+CALIBRATING = "plain:qwen3_moe/fp32"
+DEMO_SETS = Path(__file__).resolve().parent.parent / "easyep_sglang" / "data" / "demo_sets"
+# (prompt, response); the tiny tokenizer makes one token per character
+PAIRS = [
+    ("Q: What is 37 + 48? A:", " 37 + 48 = 85, so the answer is 85."),
+    ("def add(a, b):\n", "    return a + b\n\nprint(add(2, 3))\n"),
+    ("The license grants you", " a non-exclusive, worldwide, royalty-free right to use, copy and modify the work."),
+    ("Q: 12 * 3? A:", " 36"),
+]
+
+
+def write_formats(rows: list[dict], folder: Path) -> dict[str, tuple[Path, str | None]]:
+    """The same rows as JSONL (today's format), JSON, Parquet, CSV, an Arrow file, a folder saved with
+    save_to_disk, and as the "test" split of a saved DatasetDict and of a folder of files named by split:
+    name -> (path, split)."""
+    folder.mkdir(parents=True)
+    dataset = datasets.Dataset.from_list(rows)
+    paths = {name: folder / f"data.{name}" for name in ("jsonl", "json", "parquet", "csv")}
+    paths["jsonl"].write_text("".join(json.dumps(row) + "\n" for row in rows))
+    paths["json"].write_text(json.dumps(rows))
+    dataset.to_parquet(str(paths["parquet"]))
+    dataset.to_csv(str(paths["csv"]), index=False)
+    dataset.save_to_disk(str(folder / "saved"))
+    [arrow] = (folder / "saved").glob("*.arrow")
+    paths["arrow"] = shutil.copy(arrow, folder / "data.arrow")
+    datasets.DatasetDict(train=dataset.select([0]), test=dataset).save_to_disk(str(folder / "saved_dict"))
+    (folder / "by_split").mkdir()
+    (folder / "by_split" / "train.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    shutil.copy(paths["jsonl"], folder / "by_split" / "test.jsonl")
+    return {**{name: (Path(path), None) for name, path in paths.items()}, "saved": (folder / "saved", None),
+            "saved_dict": (folder / "saved_dict", "test"), "by_split": (folder / "by_split", "test")}
+
+
+@pytest.mark.parametrize("layout", [("prompt", "response"), ("input", "output"), ("text", "completion")])
+def test_every_format_reads_the_same_records(tmp_path, layout):
+    rows = [{layout[0]: prompt, layout[1]: response} for prompt, response in PAIRS]
+    expected = [{"text": prompt, "response": response} for prompt, response in PAIRS]
+    for name, (path, split) in write_formats(rows, tmp_path / "data").items():
+        assert read_prompts(path, split, use_responses=True) == expected, name
+
+
+def test_problems_from_answers_and_boxed_solutions(tmp_path):
+    rows = [{"problem": "Find x.", "answer": "204"}, {"problem": "Half?", "answer": "\\frac{1}{2}"}]
+    solutions = [{"problem": "Find x.", "solution": "So x = \\boxed{200} + 4 = \\boxed{204}."},
+                 {"problem": "Half?", "solution": "It is \\boxed{\\frac{1}{2}}"}]
+    expected = [accuracy.Problem("Find x.", "204"), accuracy.Problem("Half?", "\\frac{1}{2}")]
+    for layout, data in (("answer", rows), ("solution", solutions)):
+        for name, (path, split) in write_formats(data, tmp_path / layout).items():
+            assert accuracy.load_problems(path, split) == expected, (layout, name)
+    mixed = tmp_path / "mixed.jsonl"  # AIME-style integer answers beside LaTeX ones
+    mixed.write_text("".join(json.dumps({**row, "answer": 204} if n == 0 else row) + "\n" for n, row in enumerate(rows)))
+    assert accuracy.load_problems(mixed) == expected
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"question": "Q?", "answer": "7", "solution": "\\boxed{8}"}) + "\n")
+    assert accuracy.load_problems(both) == [accuracy.Problem("Q?", "7")]
+    assert accuracy.load_problems(both, answer_field="solution") == [accuracy.Problem("Q?", "8")]
+
+
+@pytest.fixture
+def no_server(monkeypatch):
+    """Fails the test if calibrate tries to start a server."""
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("calibrate started a server")
+
+    monkeypatch.setattr(calibrate, "LaunchedServer", Refused)
+
+
+def bad_data(tmp_path: Path) -> dict[str, Path]:
+    paths = {name: tmp_path / name for name in ("empty.jsonl", "query.jsonl", "prompts.jsonl", "long.jsonl",
+                                                "unboxed.jsonl", "notes.yaml")}
+    paths["empty.jsonl"].write_text("\n")
+    paths["query.jsonl"].write_text('{"query": "2+2?", "label": "4"}\n')
+    paths["prompts.jsonl"].write_text('{"prompt": "2+2?"}\n')
+    paths["long.jsonl"].write_text(json.dumps({"input": "Q:", "output": "x" * 5000}) + "\n")  # context: 4096
+    paths["unboxed.jsonl"].write_text('{"problem": "2+2?", "solution": "It is 4."}\n')
+    paths["notes.yaml"].write_text("a: 1\n")
+    datasets.DatasetDict(train=datasets.Dataset.from_list([{"text": "a"}]),
+                         test=datasets.Dataset.from_list([{"text": "b"}])).save_to_disk(str(tmp_path / "splits"))
+    return {**paths, "splits": tmp_path / "splits"}
+
+
+CALIBRATE_REFUSALS = [
+    ("empty.jsonl", [], r"empty.jsonl is empty; pass a file with at least one row"),
+    ("query.jsonl", [], r"has no prompt field .* its fields are \['query', 'label'\]: name the prompt field with "
+                        r"--prompt-field FIELD"),
+    ("query.jsonl", ["--prompt-field", "question"], r"has no field 'question' \(--prompt-field\); its fields are"),
+    ("prompts.jsonl", ["--use-responses"], r"has no response field .*--response-field FIELD, or drop --use-responses"),
+    ("splits", [], r"has the splits \['train', 'test'\]; choose one with --split"),
+    ("splits", ["--split", "validation"], r"has no split 'validation'; its splits are \['train', 'test'\]"),
+    ("prompts.jsonl", ["--split", "test"], r"single file, which has no splits; drop --split test"),
+    ("notes.yaml", [], r"unknown format '.yaml'; pass .jsonl, .json, .parquet"),
+    ("long.jsonl", ["--use-responses"], r"1 of 1 prompt\+response samples are longer than the 4096 tokens of the "
+                                        r"model's context .*pass --truncate-responses"),
+]
+
+
+@pytest.mark.parametrize("name, flags, message", CALIBRATE_REFUSALS)
+def test_calibrate_refuses_bad_data_before_a_server_starts(tiny_models_fp32, tmp_path, no_server, name, flags, message):
+    path = bad_data(tmp_path)[name]
+    argv = ["--model-path", str(tiny_models_fp32["deepseek_v3"]), "--prompts", str(path), "--domain", "d",
+            "--out", str(tmp_path / "stats.safetensors"), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        calibrate.main(argv)
+    line = str(exit_info.value.code)
+    assert "\n" not in line and line.startswith("easyep calibrate: error: "), line
+    assert re.search(message, line), line
+    assert not (tmp_path / "stats.safetensors").exists()
+
+
+@pytest.mark.parametrize("name, flags, message", [
+    ("empty.jsonl", [], "is empty"),
+    ("query.jsonl", [], r"has no problem field .* its fields are \['query', 'label'\]: .*--problem-field FIELD"),
+    ("prompts.jsonl", [], r"has no answer field \(looked for 'answer', 'solution'\).*--answer-field FIELD"),
+    ("unboxed.jsonl", [], r"row 1: 'solution' holds no complete \\boxed\{\} answer; .*--answer-field"),
+    ("splits", ["--split", "dev"], r"has no split 'dev'"),
+])
+def test_accuracy_refuses_bad_data_before_sampling(tmp_path, capsys, name, flags, message):
+    path = bad_data(tmp_path)[name]
+    capsys.readouterr()  # the set-up's own output
+    nobody = f"http://127.0.0.1:{free_port()}"  # never reached: the data is refused first
+    with pytest.raises(SystemExit):
+        accuracy.main(["--base-url", nobody, "--model", "m", "--data", str(path), "--out", str(tmp_path / "r.jsonl"),
+                       *flags])
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("easyep: error: ") and re.search(message, line), line
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_long_responses_are_cut_with_a_count_or_refused(capsys):
+    samples = [Sample((1, 2, 3), (4, 5, 6, 7, 8, 9)), Sample((1, 2), (3,))]
+    fitted = fit_to_context(samples, 5, "a test limit", truncate=True)
+    assert fitted == [Sample((1, 2, 3), (4, 5)), samples[1]]
+    assert "truncated the responses of 1 of 2 samples to fit the 5 tokens of a test limit: 4 response tokens " \
+           "dropped" in capsys.readouterr().err
+    with pytest.raises(DataError, match="1 of 2 prompt\\+response samples are longer than the 5 tokens .* longest: 9"):
+        fit_to_context(samples, 5, "a test limit", truncate=False)
+    with pytest.raises(DataError, match="prompt 1 has 3 \\+ --max-new-tokens 4 tokens, more than the 5"):
+        fit_to_context(samples, 5, "a test limit", truncate=True, room=4)
+    assert fit_to_context(samples, 9, "a test limit", truncate=False) == samples
+
+
+def write_zero_stats(path: Path, model: Path, tokens: list[int], frequency_rows=None) -> str:
+    spec = spec_from_model_path(model)
+    stats = ExpertStats.zeros(spec)
+    stats.tokens.copy_(torch.tensor(tokens))
+    if frequency_rows is not None:
+        stats.frequency.copy_(torch.tensor(frequency_rows, dtype=torch.float64))
+    stats.save(path, {"model": spec.identity(), "samples": 0 if not any(tokens) else 1})
+    return str(path)
+
+
+def test_select_refuses_statistics_without_tokens_and_warns_on_ties(tiny_models_fp32, tmp_path, capsys):
+    model = tiny_models_fp32["deepseek_v3"]
+    spec = spec_from_model_path(model)
+    out = tmp_path / "mask.json"
+
+    def run(stats: str) -> None:
+        select.main(["--stats", stats, "--method", "frequency", "--keep", "8", "--model-path", str(model),
+                     "--out", str(out)])
+
+    # What `calibrate --prompts empty.jsonl` once wrote: every sum and count 0.
+    with pytest.raises(SystemExit, match="holds no calibration tokens \\(0 samples\\); calibrate on prompts"):
+        run(write_zero_stats(tmp_path / "zero.safetensors", model, [0] * len(spec.moe_layers)))
+    with pytest.raises(SystemExit, match=f"MoE layers \\[{spec.moe_layers[-1]}\\] recorded no tokens"):
+        run(write_zero_stats(tmp_path / "half.safetensors", model, [12] + [0] * (len(spec.moe_layers) - 1)))
+    assert not out.exists()
+    distinct = [[float(e + 1 + 16 * layer) for e in range(16)] for layer in range(len(spec.moe_layers))]
+    run(write_zero_stats(tmp_path / "distinct.safetensors", model, [12] * len(spec.moe_layers), distinct))
+    assert "warning" not in capsys.readouterr().err and out.exists()
+    sparse = [[3.0, 2.0] + [0.0] * 14, distinct[1]]  # layer 1: two experts seen, the other 6 of 8 kept by expert id
+    run(write_zero_stats(tmp_path / "sparse.safetensors", model, [12] * len(spec.moe_layers), sparse))
+    err = capsys.readouterr().err
+    assert f"warning: in 1 of 2 MoE layers, experts of equal score decided more than 25% of the kept set " \
+           f"(layer {spec.moe_layers[0]}: 6 of 8); calibrate on more tokens" in err, err
+
+
+@pytest.mark.servers(CALIBRATING)
+def test_every_format_calibrates_to_the_same_statistics(servers, tmp_path):
+    """Each format through the CLI gives the statistics of the same samples tokenized and prefilled directly, the
+    paper's input/output layout (a saved Arrow dataset among them) and a split of a saved DatasetDict included."""
+    server = servers.use(CALIBRATING)
+    pairs = PAIRS[:2]  # a prefill costs about 2 s on the CPU: two samples per format
+    tokenizer = AutoTokenizer.from_pretrained(server.model_path)
+    samples = [Sample(tuple(tokenizer(p)["input_ids"]), tuple(tokenizer(r, add_special_tokens=False)["input_ids"]))
+               for p, r in pairs]
+    reference, _ = collect(ServerClient(server.base_url), server.stats_dir, samples, progress=False)
+    today = tmp_path / "today.jsonl"
+    today.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
+    cases = {"prompt/response jsonl": (today, None)}
+    cases |= {f"input/output {name}": case for name, case in
+              write_formats([{"input": p, "output": r} for p, r in pairs], tmp_path / "io").items()}
+    for name, (path, split) in cases.items():
+        out = tmp_path / "stats" / f"{name.replace('/', '-').replace(' ', '-')}.safetensors"
+        calibrate.main(["--model-path", str(server.model_path), "--prompts", str(path), "--domain", "d", "--out", str(out),
+                        "--use-responses", "--num-samples", str(len(pairs)), "--base-url", server.base_url,
+                        "--stats-dir", str(server.stats_dir), *(["--split", split] if split else [])])
+        stats, provenance = ExpertStats.load(out)
+        assert torch.equal(stats.tokens, reference.tokens), name
+        assert torch.equal(stats.sums, reference.sums), (name, (stats.sums - reference.sums).abs().max())
+        assert provenance["prompts"]["count"] == len(pairs) and provenance["prompts"]["split"] == split
+
+
+@pytest.mark.servers(CALIBRATING)
+def test_a_response_longer_than_the_server_takes_is_cut_to_fit(servers, tmp_path, capsys):
+    server = servers.use(CALIBRATING)
+    client = ServerClient(server.base_url)
+    limit = client.max_input_tokens()
+    data = tmp_path / "r1.jsonl"
+    data.write_text(json.dumps({"input": "Q: 1+1? A:", "output": " 2" * 2500}) + "\n")  # 5000 tokens > 4096
+    out = tmp_path / "stats.safetensors"
+    calibrate.main(["--model-path", str(server.model_path), "--prompts", str(data), "--domain", "d", "--out", str(out),
+                    "--use-responses", "--truncate-responses", "--base-url", server.base_url,
+                    "--stats-dir", str(server.stats_dir)])
+    stats, _ = ExpertStats.load(out)
+    prompt_tokens = len(AutoTokenizer.from_pretrained(server.model_path)("Q: 1+1? A:")["input_ids"])
+    assert 0 < limit < 4096 and stats.tokens.tolist() == [limit] * len(stats.layer_ids)
+    assert (f"truncated the responses of 1 of 1 samples to fit the {limit} tokens of the server's longest input: "
+            f"{prompt_tokens + 5000 - limit} response tokens dropped") in capsys.readouterr().err
+
+
+@pytest.mark.servers("plain:demo")
+def test_every_format_scores_the_same_pass_at_1(servers, tmp_path):
+    """The held-out sums as today's {problem, answer} JSONL, and as {problem, solution: "... \\boxed{85}"} in every
+    format (Parquet with integer answers): the same answers, graded the same, through the served demo MoE."""
+    server = servers.use("plain:demo")
+    rows = [json.loads(line) for line in (DEMO_SETS / "math_eval.jsonl").read_text().splitlines()[:8]]
+    baseline = tmp_path / "sums.jsonl"
+    baseline.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    solutions = [{"problem": row["problem"], "solution": f"Adding up gives \\boxed{{{row['answer']}}}."} for row in rows]
+    cases = {"answer jsonl": (baseline, None), **{f"solution {name}": case for name, case in
+                                                   write_formats(solutions, tmp_path / "solution").items()}}
+    cases["answer parquet, integers"] = (tmp_path / "int.parquet", None)
+    datasets.Dataset.from_list([{"problem": r["problem"], "answer": int(r["answer"])} for r in rows]).to_parquet(
+        str(cases["answer parquet, integers"][0]))
+    graded = {}
+    for name, (path, split) in cases.items():
+        flush_prefix_cache(ServerClient(server.base_url))  # every run from the same cache state: same greedy tokens
+        out = tmp_path / "reports" / f"{len(graded)}.jsonl"
+        accuracy.main(["--base-url", server.base_url, "--model", str(server.model_path), "--data", str(path),
+                       "--out", str(out), "--n", "1", "--api", "completions", "--prompt-suffix", "", "--stop", "\n",
+                       "--temperature", "0", "--max-tokens", "8", "--concurrency", "1", "--quiet",
+                       *(["--split", split] if split else [])])
+        [row] = read_rows(out)
+        graded[name] = (row["pass@1"], [(p["answer"], [(s["extracted"], s["correct"]) for s in p["samples"]])
+                                        for p in row["problems"]])
+    assert graded["answer jsonl"][0] >= 0.8, graded["answer jsonl"]  # the demo MoE knows its sums
+    for name, result in graded.items():
+        assert result == graded["answer jsonl"], name
