@@ -1,6 +1,7 @@
-"""Bring your own data: every format easyep_sglang.datasets_io reads calibrates to the same statistics, and scores
-the same pass@1, as the equivalent JSONL; data that cannot be used is refused in one line naming the fix, before
-any server starts; select refuses statistics without tokens and warns when ties choose the kept experts."""
+"""Bring your own data, without a server: every format easyep_sglang.datasets_io reads gives the same records and
+problems as the equivalent JSONL; data that cannot be used is refused in one line naming the fix, before any server
+starts; select refuses statistics without tokens and warns when ties choose the kept experts. Through servers:
+test_calibrate_formats.py and test_accuracy_formats.py."""
 
 import json
 import re
@@ -10,21 +11,14 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from easyep_sglang import accuracy, calibrate, select
-from easyep_sglang.calibrate import ServerClient, collect, flush_prefix_cache
 from easyep_sglang.calibration_data import Sample, fit_to_context, read_prompts
 from easyep_sglang.datasets_io import DataError
-from easyep_sglang.report import read_rows
 from easyep_sglang.server_process import free_port
 from easyep_sglang.spec import spec_from_model_path
 from easyep_sglang.stats import ExpertStats
 
-# A shared pool server (test_calibrate's too) that prefills each sample in one chunk (chunked prefill 1024, no
-# prefix cache): DeepSeek's pool server takes chunks of 16, so a 4,000-token sample would cost minutes.
-CALIBRATING = "plain:qwen3_moe/fp32"
-DEMO_SETS = Path(__file__).resolve().parent.parent / "easyep_sglang" / "data" / "demo_sets"
 # (prompt, response); the tiny tokenizer makes one token per character
 PAIRS = [
     ("Q: What is 37 + 48? A:", " 37 + 48 = 85, so the answer is 85."),
@@ -198,77 +192,3 @@ def test_select_refuses_statistics_without_tokens_and_warns_on_ties(tiny_models_
     err = capsys.readouterr().err
     assert f"warning: in 1 of 2 MoE layers, experts of equal score decided more than 25% of the kept set " \
            f"(layer {spec.moe_layers[0]}: 6 of 8); calibrate on more tokens" in err, err
-
-
-@pytest.mark.servers(CALIBRATING)
-def test_every_format_calibrates_to_the_same_statistics(servers, tmp_path):
-    """Each format through the CLI gives the statistics of the same samples tokenized and prefilled directly, the
-    paper's input/output layout (a saved Arrow dataset among them) and a split of a saved DatasetDict included."""
-    server = servers.use(CALIBRATING)
-    pairs = PAIRS[:2]  # a prefill costs about 2 s on the CPU: two samples per format
-    tokenizer = AutoTokenizer.from_pretrained(server.model_path)
-    samples = [Sample(tuple(tokenizer(p)["input_ids"]), tuple(tokenizer(r, add_special_tokens=False)["input_ids"]))
-               for p, r in pairs]
-    reference, _ = collect(ServerClient(server.base_url), server.stats_dir, samples, progress=False)
-    today = tmp_path / "today.jsonl"
-    today.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in pairs))
-    cases = {"prompt/response jsonl": (today, None)}
-    cases |= {f"input/output {name}": case for name, case in
-              write_formats([{"input": p, "output": r} for p, r in pairs], tmp_path / "io").items()}
-    for name, (path, split) in cases.items():
-        out = tmp_path / "stats" / f"{name.replace('/', '-').replace(' ', '-')}.safetensors"
-        calibrate.main(["--model-path", str(server.model_path), "--prompts", str(path), "--domain", "d", "--out", str(out),
-                        "--use-responses", "--num-samples", str(len(pairs)), "--base-url", server.base_url,
-                        "--stats-dir", str(server.stats_dir), *(["--split", split] if split else [])])
-        stats, provenance = ExpertStats.load(out)
-        assert torch.equal(stats.tokens, reference.tokens), name
-        assert torch.equal(stats.sums, reference.sums), (name, (stats.sums - reference.sums).abs().max())
-        assert provenance["prompts"]["count"] == len(pairs) and provenance["prompts"]["split"] == split
-
-
-@pytest.mark.servers(CALIBRATING)
-def test_a_response_longer_than_the_server_takes_is_cut_to_fit(servers, tmp_path, capsys):
-    server = servers.use(CALIBRATING)
-    client = ServerClient(server.base_url)
-    limit = client.max_input_tokens()
-    data = tmp_path / "r1.jsonl"
-    data.write_text(json.dumps({"input": "Q: 1+1? A:", "output": " 2" * 2500}) + "\n")  # 5000 tokens > 4096
-    out = tmp_path / "stats.safetensors"
-    calibrate.main(["--model-path", str(server.model_path), "--prompts", str(data), "--domain", "d", "--out", str(out),
-                    "--use-responses", "--truncate-responses", "--base-url", server.base_url,
-                    "--stats-dir", str(server.stats_dir)])
-    stats, _ = ExpertStats.load(out)
-    prompt_tokens = len(AutoTokenizer.from_pretrained(server.model_path)("Q: 1+1? A:")["input_ids"])
-    assert 0 < limit < 4096 and stats.tokens.tolist() == [limit] * len(stats.layer_ids)
-    assert (f"truncated the responses of 1 of 1 samples to fit the {limit} tokens of the server's longest input: "
-            f"{prompt_tokens + 5000 - limit} response tokens dropped") in capsys.readouterr().err
-
-
-@pytest.mark.servers("plain:demo")
-def test_every_format_scores_the_same_pass_at_1(servers, tmp_path):
-    """The held-out sums as today's {problem, answer} JSONL, and as {problem, solution: "... \\boxed{85}"} in every
-    format (Parquet with integer answers): the same answers, graded the same, through the served demo MoE."""
-    server = servers.use("plain:demo")
-    rows = [json.loads(line) for line in (DEMO_SETS / "math_eval.jsonl").read_text().splitlines()[:8]]
-    baseline = tmp_path / "sums.jsonl"
-    baseline.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    solutions = [{"problem": row["problem"], "solution": f"Adding up gives \\boxed{{{row['answer']}}}."} for row in rows]
-    cases = {"answer jsonl": (baseline, None), **{f"solution {name}": case for name, case in
-                                                   write_formats(solutions, tmp_path / "solution").items()}}
-    cases["answer parquet, integers"] = (tmp_path / "int.parquet", None)
-    datasets.Dataset.from_list([{"problem": r["problem"], "answer": int(r["answer"])} for r in rows]).to_parquet(
-        str(cases["answer parquet, integers"][0]))
-    graded = {}
-    for name, (path, split) in cases.items():
-        flush_prefix_cache(ServerClient(server.base_url))  # every run from the same cache state: same greedy tokens
-        out = tmp_path / "reports" / f"{len(graded)}.jsonl"
-        accuracy.main(["--base-url", server.base_url, "--model", str(server.model_path), "--data", str(path),
-                       "--out", str(out), "--n", "1", "--api", "completions", "--prompt-suffix", "", "--stop", "\n",
-                       "--temperature", "0", "--max-tokens", "8", "--concurrency", "1", "--quiet",
-                       *(["--split", split] if split else [])])
-        [row] = read_rows(out)
-        graded[name] = (row["pass@1"], [(p["answer"], [(s["extracted"], s["correct"]) for s in p["samples"]])
-                                        for p in row["problems"]])
-    assert graded["answer jsonl"][0] >= 0.8, graded["answer jsonl"]  # the demo MoE knows its sums
-    for name, result in graded.items():
-        assert result == graded["answer jsonl"], name
