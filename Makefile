@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 
 # uv installs the same resolution as pip would (--index-strategy unsafe-best-match is pip's rule: the best
 # version across all indexes), in parallel. --compile-bytecode writes the .pyc files pip writes: without them,
-# and with PYTHONDONTWRITEBYTECODE set, every server start would compile SGLang anew. About 3 min here, pip 7.
+# and with PYTHONDONTWRITEBYTECODE set, every server start would compile SGLang anew.
 UV_VERSION := 0.13.9
 
 # uv reads none of pip's configuration. This prints pip's indexes, find-links and constraints as uv's

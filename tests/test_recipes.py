@@ -33,7 +33,7 @@ def test_gpu_script_refuses_to_start_without_a_model(script):
     assert proc.returncode != 0 and "set MODEL" in proc.stderr
 
 
-# Each script once and each mode once: a dry run imports SGLang's argument parser, about 19 CPU-s. A script's
+# Each script once and each mode once: a dry run imports SGLang's argument parser, the costly part. A script's
 # other modes run the same launcher line with the flags of the mode tested here.
 GPU_RECIPE_MODES = [("deepseek_r1_8xh200.sh", "mask"), ("deepseek_r1_8xh100.sh", "prune-load"),
                     ("qwen3_30b_a3b_1gpu.sh", "pruned")]
