@@ -231,7 +231,8 @@ class ServerPool:
         times = sorted(seconds for _, seconds in self.startup_s)
         return (f"test servers: {len(times)} started, {sum(times):.0f} s of start-up in all "
                 f"(min {times[0]:.0f} s, median {times[len(times) // 2]:.0f} s, max {times[-1]:.0f} s); "
-                f"tests waited {self.waited_s:.0f} s for one to start; failed: {sorted(self.errors) or 'none'}")
+                f"tests waited {self.waited_s:.0f} s for one to start; failed: {sorted(self.errors) or 'none'}\n"
+                "test server start-ups, in order: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in self.startup_s))
 
     # --- internals, under self._cond ----------------------------------------------------------------------
     def _next_use(self, name: str, after: int) -> int | None:
