@@ -16,9 +16,12 @@ import signal
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from easyep_sglang.server_process import process_group_pids
 
 # The fields of SGLang's result dict a report row keeps (all others stay in the raw result).
 RESULT_FIELDS = (
@@ -118,6 +121,28 @@ def server_pss_bytes(pids: list[int]) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return total
+
+
+class RunningServer:
+    """A server started elsewhere on this machine, found by its URL: its processes are the process group
+    of the one listening on the URL's port (SGLang's server, schedulers and detokenizer)."""
+
+    def __init__(self, base_url: str):
+        import psutil
+
+        address = urllib.parse.urlsplit(base_url)
+        if address.hostname not in ("127.0.0.1", "localhost", "::1") or address.port is None:
+            raise ValueError(f"{base_url}: give a loopback URL with its port (http://127.0.0.1:PORT); the server's "
+                             "memory and CPU are read from this machine's /proc")
+        listeners = {c.pid for c in psutil.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == address.port and c.pid}
+        if not listeners:
+            raise ValueError(f"no process of this user listens on port {address.port} ({base_url}); start the server, "
+                             "or run this as the user who started it")
+        self.base_url, self.group = base_url.rstrip("/"), os.getpgid(min(listeners))
+
+    def pids(self) -> list[int]:
+        return process_group_pids(self.group)
 
 
 def omp_env(threads: int | None) -> dict[str, str]:

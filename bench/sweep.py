@@ -2,10 +2,12 @@
 
     python -m bench.sweep --model-path DIR --experts 8 [--scale 0.03] [--modes full masked]
     python -m bench.sweep --bench-model expert-dominated --experts 64 32 --scale 0.03
+    python -m bench.sweep --base-url http://127.0.0.1:30000 --model-path DIR --modes masked --mask-file m.json
 
 The shape of the EASY-EP paper's throughput study (its Figures 1 and 6: SGLang, concurrency 32,
 {1K, 4K} input x {1K, 4K} output, speedup over the full model vs experts kept). Each configuration gets
-its own server, started and stopped here, one at a time. Each (input, output) setting is one
+its own server, started and stopped here, one at a time (or, with --base-url, the one server already running
+there is measured, as the configuration it is said to serve). Each (input, output) setting is one
 bench_serving run and one JSONL row with provenance, the mask digest the server reports included (a server
 that serves another mask than its configuration's stops the sweep); then a markdown table and a PNG are rendered.
 
@@ -29,7 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.serving import BenchConfig, bench_server, omp_env, sigterm_unwinds
+from bench.serving import BenchConfig, RunningServer, bench_server, omp_env, sigterm_unwinds
 from bench.sweep_report import write_report
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.plan import footprint
@@ -163,10 +165,16 @@ def run_sweep(args) -> Path:
     model_path = Path(args.model_path) if args.model_path else build_bench_model(args.bench_model, out_dir)
     spec = spec_from_model_path(model_path)
     configs = plan_configs(args, spec, model_path, out_dir)
+    if args.base_url and len(configs) != 1:
+        raise ValueError(f"--base-url measures the one server running there, but {len(configs)} configurations were "
+                         "asked for; give one --modes and at most one --experts or --mask-file: those it serves")
     sweep_id, server_args = time.strftime("%Y%m%dT%H%M%S"), server_flags(args)
     settings = [(i, o, scaled(i, args.scale), scaled(o, args.scale)) for i in args.inputs for o in args.outputs]
     rows_path, skipped, launches = out_dir / "sweep.jsonl", [], {}
     for config in configs:
+        if args.base_url:
+            launches[config] = Launch(model_path, config.mask_path)
+            continue
         launches[config], reason = prepare_server(config, model_path, out_dir)
         if reason:
             print(f"easyep: skipping {config.mode} with {config.experts:g} experts: {reason}", file=sys.stderr)
@@ -184,7 +192,12 @@ def run_sweep(args) -> Path:
 
 def run_config(args, server_args: list[str], config: ServerConfig, launch: Launch, model_path: Path, settings,
                sweep_id: str, round_index: int, rows_path: Path) -> str | None:
-    """Serve one configuration and append a row per (input, output) setting; the reason if it cannot start."""
+    """Serve one configuration (or, with --base-url, measure the server there) and append a row per (input,
+    output) setting; the reason if it cannot start."""
+    if args.base_url:
+        measure_config(args, RunningServer(args.base_url), None, config, launch, model_path, settings, sweep_id,
+                       round_index, rows_path)
+        return None
     log = Path(args.out_dir) / "logs" / f"{sweep_id}-r{round_index}-{config.mode}-{config.experts:g}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     server = LaunchedServer(launch.model_path, mask=launch.mask, extra_args=[*launch.extra_args, *server_args],
@@ -197,25 +210,34 @@ def run_config(args, server_args: list[str], config: ServerConfig, launch: Launc
         said = next((l for l in reversed(lines) if l.startswith("easyep: error")), lines[-1] if lines else "")
         return f"the server did not start ({err}); {said}"
     try:
-        for nominal_in, nominal_out, input_len, output_len in settings:
-            bench = BenchConfig(input_len, output_len, args.num_prompts or 2 * args.concurrency, args.concurrency)
-            print(f"easyep: {config.mode}, {config.experts:g} experts, {input_len} in / {output_len} out",
-                  file=sys.stderr, flush=True)
-            result = bench_server(server, launch.model_path, bench)
-            append_row(rows_path, {
-                "kind": "throughput-sweep", "sweep_id": sweep_id, "round": round_index, "mode": config.mode,
-                "experts": config.experts, "weight_bytes": config.weight_bytes,
-                "nominal_input_len": nominal_in, "nominal_output_len": nominal_out, "scale": args.scale,
-                "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
-                "num_prompts": bench.num_prompts,
-                "memory_budget": "same-mem-fraction" if args.same_memory_budget else "fixed-kv-tokens",
-                "server_args": server_args, "omp_threads": args.omp_threads,
-                **provenance(server.base_url, mask_path=config.mask_path, model_path=model_path),
-                **result,
-            })
+        measure_config(args, server, server_args, config, launch, model_path, settings, sweep_id, round_index,
+                       rows_path)
     finally:
         server.stop()
     return None
+
+
+def measure_config(args, server, server_args: list[str] | None, config: ServerConfig, launch: Launch, model_path: Path,
+                   settings, sweep_id: str, round_index: int, rows_path: Path) -> None:
+    """One bench_serving run and one row per (input, output) setting against a serving server; `server_args` are
+    the flags the sweep started it with (None: started elsewhere, --base-url)."""
+    for nominal_in, nominal_out, input_len, output_len in settings:
+        bench = BenchConfig(input_len, output_len, args.num_prompts or 2 * args.concurrency, args.concurrency)
+        print(f"easyep: {config.mode}, {config.experts:g} experts, {input_len} in / {output_len} out",
+              file=sys.stderr, flush=True)
+        result = bench_server(server, launch.model_path, bench)
+        append_row(rows_path, {
+            "kind": "throughput-sweep", "sweep_id": sweep_id, "round": round_index, "mode": config.mode,
+            "experts": config.experts, "weight_bytes": config.weight_bytes,
+            "nominal_input_len": nominal_in, "nominal_output_len": nominal_out, "scale": args.scale,
+            "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
+            "num_prompts": bench.num_prompts,
+            "memory_budget": ("as started elsewhere" if server_args is None else
+                              "same-mem-fraction" if args.same_memory_budget else "fixed-kv-tokens"),
+            "server_args": server_args, "omp_threads": None if server_args is None else args.omp_threads,
+            **provenance(server.base_url, mask_path=config.mask_path, model_path=model_path),
+            **result,
+        })
 
 
 def server_flags(args) -> list[str]:
@@ -264,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 steadies CPU numbers on a shared host")
     parser.add_argument("--server-args", default="", help="more launcher/SGLang flags for every server, quoted")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for each server")
+    parser.add_argument("--base-url", help="measure the server already running at this loopback URL instead of "
+                        "starting one per configuration: give --model-path and the one --modes (and mask) it serves; "
+                        "a server that serves another mask stops the sweep")
     parser.add_argument("--out-dir", default="runs/sweep", help="sweep.jsonl (appended), sweep.md, sweep.png, logs")
     return parser
 

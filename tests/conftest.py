@@ -2,7 +2,8 @@
 
 Tests name the servers they use with `@pytest.mark.servers(...)` (see server_pool.py); the pool starts
 them ahead of their first use and stops them after their last, every one by PID, and prints a line
-about their start-up times at the end of the session.
+about their start-up times at the end of the session. The other tests run while servers start
+(run_order.py).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import pytest
 
 from bench.server_startup import other_model_modules
 from easyep_sglang.calibrate import ServerClient, flush_prefix_cache
+from run_order import grouped, interleaved
 from server_pool import ModelStore, ServerPool
 
 ARCHS = ("deepseek_v3", "qwen3_moe")
 POOL = pytest.StashKey[ServerPool]()
+PLANNED = pytest.StashKey[dict[str, int]]()  # node id -> its place among the tests that use planned servers
 # A scheduler imports all ~250 SGLang model modules, and what they import, to fill its model registry; SGLang's own
 # SGLANG_DISABLED_MODEL_ARCHS skips the unrelated ones in every server the tests start (python -m bench.server_startup).
 os.environ.setdefault("SGLANG_DISABLED_MODEL_ARCHS", other_model_modules())
@@ -29,9 +32,31 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that use no planned server run first (in their usual order), while the pool starts the first
-    planned servers in the background; otherwise the first server tests would wait for them on an idle core."""
-    items.sort(key=lambda item: bool(server_names(item)))
+    """The planned tests in the order of run_order.grouped, after the others; pytest_runtestloop interleaves them."""
+    items[:] = [item for item in items if not server_names(item)] + grouped(
+        [item for item in items if server_names(item)], server_names)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """pytest's own loop (_pytest/main.py), in the order of run_order.interleaved: the tests that use no planned
+    server run while the pool starts the next servers, instead of the tests waiting for them."""
+    if session.testsfailed and not session.config.option.continue_on_collection_errors:
+        raise session.Interrupted(f"{session.testsfailed} error(s) during collection")
+    if session.config.option.collectonly:
+        return True
+
+    def ready(names: list[str]) -> bool:
+        return POOL in session.config.stash and session.config.stash[POOL].serving(names)
+
+    module_of = lambda item: item.getparent(pytest.Module)  # noqa: E731
+    for item, following in interleaved(session.items, server_names, module_of, ready):
+        item.config.hook.pytest_runtest_protocol(item=item, nextitem=following)
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+    return True
 
 
 def server_names(item) -> list[str]:
@@ -46,7 +71,9 @@ def model_store(tmp_path_factory) -> ModelStore:
 
 @pytest.fixture(scope="session")
 def servers(request, model_store, tmp_path_factory):
-    pool = ServerPool(model_store, tmp_path_factory.mktemp("servers"), [server_names(i) for i in request.session.items])
+    planned = [item for item in request.session.items if server_names(item)]  # as selected (-k) and ordered
+    request.config.stash[PLANNED] = {item.nodeid: index for index, item in enumerate(planned)}
+    pool = ServerPool(model_store, tmp_path_factory.mktemp("servers"), [server_names(item) for item in planned])
     request.config.stash[POOL] = pool
     yield pool
     pool.close()
@@ -54,8 +81,12 @@ def servers(request, model_store, tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _server_pool_position(request, servers):
-    """Tells the pool which test runs, so it starts the next servers ahead and stops those no later test uses."""
-    index = request.session.items.index(request.node)
+    """Tells the pool which planned test runs, so it starts the next servers ahead and stops those no later test
+    uses. The tests that use no planned server do not move it."""
+    index = request.config.stash[PLANNED].get(request.node.nodeid)
+    if index is None:
+        yield
+        return
     servers.enter(index)
     yield
     servers.leave(index)

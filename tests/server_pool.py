@@ -203,6 +203,11 @@ class ServerPool:
             raise RuntimeError(f"test server {name} did not start: {self.errors[name]}")
         return self.servers[name]
 
+    def serving(self, names: list[str]) -> bool:
+        """Whether every one of these servers has finished starting (or failed to: its test reports that)."""
+        with self._cond:
+            return all(name in self.ready and self.ready[name].is_set() for name in names)
+
     def enter(self, index: int) -> None:
         with self._cond:
             self.position = index

@@ -4,9 +4,10 @@ weight bytes it serves; what a pruned configuration's row records; the report ov
 import pytest
 
 from bench.sweep import MODES, Launch, ServerConfig, build_parser, first_experts_mask, main, plan_configs, prepare_server
-from bench.serving import server_pss_bytes
+from bench.serving import RunningServer, server_pss_bytes
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.report import provenance, read_rows
+from easyep_sglang.server_process import free_port
 from easyep_sglang.spec import spec_from_model_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,12 +55,16 @@ def test_every_mode_is_planned_with_the_weight_bytes_it_serves(tiny, tmp_path):
     assert configs[0].mask_path is None and all(c.mask_path.name == "first-8.json" for c in configs[1:])
 
 
-def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
-    """The smallest live sweep: one server. The pruned modes' plans are checked above, their rows' mask facts
-    below, and every mode's table row in test_report_renders_every_setting_and_mode."""
-    out = tmp_path / "sweep"
-    main(["--model-path", str(tiny), "--experts", "8", "--modes", "full", "--inputs", "16", "--outputs", "8",
-          "--concurrency", "2", "--num-prompts", "4", "--omp-threads", "1", "--out-dir", str(out)])
+@pytest.mark.servers("plain:deepseek_v3/fp32")
+def test_smoke_sweep_rows_table_and_plot(servers, tmp_path, capsys):
+    """The smallest live sweep: one configuration, measured on a running server (--base-url). The pruned modes'
+    plans are checked above, their rows' mask facts below, every mode's table row in
+    test_report_renders_every_setting_and_mode, and a sweep's own server start in test_sweep_reports_a_server_that_
+    cannot_start."""
+    server = servers.use("plain:deepseek_v3/fp32")
+    out, model = tmp_path / "sweep", server.model_path
+    main(["--model-path", str(model), "--base-url", server.base_url, "--experts", "8", "--modes", "full",
+          "--inputs", "16", "--outputs", "8", "--concurrency", "2", "--num-prompts", "4", "--out-dir", str(out)])
     [row] = read_rows(out / "sweep.jsonl")
     assert (row["mode"], row["experts"]) == ("full", 16)
     missing = [key for key in PROVENANCE if key not in row]
@@ -68,7 +73,8 @@ def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
     assert row["sglang_version"] == "0.5.23" and row["device"] == "cpu" and row["mask_digest"] is None
     assert row["moe_kernel_path"].startswith("cpu/torch-native select_experts")
     assert row["server_pss_bytes"] > 100e6 and row["output_throughput"] > 0 and row["server_cpu_s"] > 0
-    full_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
+    assert row["server_args"] is None and row["memory_budget"] == "as started elsewhere"
+    full_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
     assert full_bytes * 0.99 < row["weight_bytes"] < full_bytes
 
     table = (out / "sweep.md").read_text()
@@ -76,6 +82,25 @@ def test_smoke_sweep_rows_table_and_plot(tiny, tmp_path, capsys):
     assert "| full | 16 |" in table and "(1.00x, 1.00x/CPU-s)" in table and "Ratios to the full model" in table
     assert "16 in / 8 out" in table and "doubled" in table
     assert (out / "sweep.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_sweep_reports_a_server_that_cannot_start(tiny, tmp_path, capsys):
+    """The sweep's own server start (LaunchedServer with the sweep's flags): the launcher refuses the flags, the
+    configuration is skipped with the launcher's own error, the sweep goes on and says so in its report."""
+    out = tmp_path / "sweep"
+    main(["--model-path", str(tiny), "--modes", "full", "--experts", "8", "--server-args=--prune",
+          "--inputs", "16", "--outputs", "8", "--out-dir", str(out)])
+    assert not (out / "sweep.jsonl").exists()
+    table = (out / "sweep.md").read_text()
+    assert "full (16 experts, round 0): the server did not start (server exited with 2 during startup" in table
+    assert "easyep: error: --prune needs --mask" in table  # the launcher got the sweep's --server-args
+
+
+def test_running_server_must_be_on_this_machine():
+    with pytest.raises(ValueError, match="give a loopback URL with its port"):
+        RunningServer("http://10.0.0.7:30000")
+    with pytest.raises(ValueError, match="no process of this user listens on port"):
+        RunningServer(f"http://127.0.0.1:{free_port()}")
 
 
 @pytest.mark.servers("offline:deepseek_v3/whole")
