@@ -40,8 +40,9 @@ def _can_follow(test, done: list, remaining: list, servers_of) -> bool:
 def interleaved(items: Sequence[Item], servers_of: Callable[[Item], list[str]], module_of: Callable[[Item], object],
                 ready: Callable[[list[str]], bool]) -> Iterator[tuple[Item, Item | None]]:
     """Yield (test, the test after it) until every test ran: pytest needs the next test before it runs one.
-    `ready(names)` tells whether those servers serve now; so it is asked one test ahead. A test module is not
-    left half-way for the other kind of test, so that its fixtures are set up once."""
+    `ready(names)` tells whether those servers serve now; so it is asked one test ahead. A test module goes on
+    with its next test, of either kind, unless that one would wait for a server, so its fixtures are set up once
+    where nothing is lost by it."""
     planned = deque(item for item in items if servers_of(item))
     fillers = deque(item for item in items if not servers_of(item))
     current = _pick(planned, fillers, None, servers_of, module_of, ready)
@@ -52,8 +53,8 @@ def interleaved(items: Sequence[Item], servers_of: Callable[[Item], list[str]], 
 
 
 def _pick(planned: deque, fillers: deque, last, servers_of, module_of, ready):
-    for queue in (planned, fillers):  # the module that runs goes on, whichever kind its next test is
-        if queue and last is not None and module_of(queue[0]) is module_of(last):
+    for queue in (planned, fillers):  # the module that runs goes on, unless its next test would wait for a server
+        if queue and last is not None and module_of(queue[0]) is module_of(last) and ready(servers_of(queue[0])):
             return queue.popleft()
     if planned and (not fillers or ready(servers_of(planned[0]))):
         return planned.popleft()

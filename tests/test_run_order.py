@@ -26,8 +26,8 @@ def test_planned_tests_run_as_soon_as_their_servers_serve():
 def test_other_tests_fill_the_wait_a_module_at_a_time():
     # s1 serves after one test, but module a is not left half-way for it
     assert run({"s1": 1, "s2": 1}) == ["a.1", "a.2", "b.1", "b.2", "d.1", "c.1", "c.2", "e.1"]
-    # s2 is late: b.2 is not left for c, because module b goes on, and waits; d.1 follows as soon as b ends
-    assert run({"s1": 3, "s2": 99}) == ["a.1", "a.2", "c.1", "c.2", "b.1", "b.2", "d.1", "e.1"]
+    # s2 is late: module b does not go on with b.2, which would wait; e.1 runs first, then b.2 waits for s2
+    assert run({"s1": 3, "s2": 99}) == ["a.1", "a.2", "c.1", "c.2", "b.1", "e.1", "b.2", "d.1"]
 
 
 def test_planned_tests_wait_once_nothing_else_is_left():
