@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from easyep_sglang.server_process import process_group_pids
-
 # The fields of SGLang's result dict a report row keeps (all others stay in the raw result).
 RESULT_FIELDS = (
     "duration", "completed", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -124,8 +122,8 @@ def server_pss_bytes(pids: list[int]) -> int:
 
 
 class RunningServer:
-    """A server started elsewhere on this machine, found by its URL: its processes are the process group
-    of the one listening on the URL's port (SGLang's server, schedulers and detokenizer)."""
+    """A server started elsewhere on this machine, found by its URL: its processes are the one listening on the
+    URL's port (SGLang's server process) and its descendants (schedulers, detokenizer)."""
 
     def __init__(self, base_url: str):
         import psutil
@@ -139,10 +137,10 @@ class RunningServer:
         if not listeners:
             raise ValueError(f"no process of this user listens on port {address.port} ({base_url}); start the server, "
                              "or run this as the user who started it")
-        self.base_url, self.group = base_url.rstrip("/"), os.getpgid(min(listeners))
+        self.base_url, self.process = base_url.rstrip("/"), psutil.Process(min(listeners))
 
     def pids(self) -> list[int]:
-        return process_group_pids(self.group)
+        return [self.process.pid, *(child.pid for child in self.process.children(recursive=True))]
 
 
 def omp_env(threads: int | None) -> dict[str, str]:

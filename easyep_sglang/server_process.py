@@ -97,11 +97,7 @@ class LaunchedServer:
 
     def pids(self) -> list[int]:
         """PIDs of the server's process group (server, schedulers, detokenizer)."""
-        return process_group_pids(self.proc.pid)
-
-
-def process_group_pids(pgid: int) -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == pgid]
+        return [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == self.proc.pid]
 
 
 def _terminate_with_parent() -> None:

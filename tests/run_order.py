@@ -16,8 +16,8 @@ Item = TypeVar("Item")
 
 def grouped(planned: Sequence[Item], servers_of: Callable[[Item], list[str]]) -> list[Item]:
     """`planned` reordered so that each server's uses come together and fewer servers are alive at once: after
-    each test (taken in collection order), every later test is pulled forward whose servers are all alive
-    already (named by a test that ran and still needed) or named by that test alone."""
+    each test (taken in collection order), every later test is pulled forward whose servers are each alive
+    already (named by a test that ran) or named by that test alone."""
     remaining, order = list(planned), []
     while remaining:
         order.append(remaining.pop(0))

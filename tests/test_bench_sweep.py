@@ -59,8 +59,8 @@ def test_every_mode_is_planned_with_the_weight_bytes_it_serves(tiny, tmp_path):
 def test_smoke_sweep_rows_table_and_plot(servers, tmp_path, capsys):
     """The smallest live sweep: one configuration, measured on a running server (--base-url). The pruned modes'
     plans are checked above, their rows' mask facts below, every mode's table row in
-    test_report_renders_every_setting_and_mode, and a sweep's own server start in test_sweep_reports_a_server_that_
-    cannot_start."""
+    test_report_renders_every_setting_and_mode, and the sweep's own server start in
+    test_sweep_reports_a_server_that_cannot_start."""
     server = servers.use("plain:deepseek_v3/fp32")
     out, model = tmp_path / "sweep", server.model_path
     main(["--model-path", str(model), "--base-url", server.base_url, "--experts", "8", "--modes", "full",
