@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import sys
-from pathlib import Path
 
+from easyep_sglang.datasets_io import data_digest
 from easyep_sglang.mask import ExpertMask
 from easyep_sglang.score import SCORERS, keep_for_ratio, mix_domains, score, select_budget, select_uniform
 from easyep_sglang.spec import MoESpec, spec_from_model_path
@@ -133,7 +132,7 @@ def run(args: argparse.Namespace) -> tuple[ExpertMask, MoESpec]:
     warn_ties(scores, keep, spec)
     provenance = {
         "stats": [
-            {"path": path, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(), "provenance": prov}
+            {"path": path, "sha256": data_digest(path), "provenance": prov}
             for path, (_, prov) in zip(args.stats, loaded)
         ],
         "domain_weights": weights,
