@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from easyep_sglang.launch_checks import check_settings
+from easyep_sglang.launch_checks import check_settings, ranks_per_node
 from easyep_sglang.mask import ExpertMask
 from easyep_sglang.sglang_plugin.server_env import CPU_SHIM_DIR, gpu_available, server_setup
 from easyep_sglang.spec import spec_from_model_path
@@ -32,8 +32,10 @@ def create_engine(model_path: str | Path, mask: str | Path | None = None, record
                    record_stats=bool(record_stats_dir), model_path=model_path)
     device = sglang_kwargs.get("device")
     on_cpu = device == "cpu" or (device is None and not gpu_available())
-    setup = server_setup(str(mask) if mask else None, on_cpu=on_cpu, tp_size=sglang_kwargs.get("tp_size", 1),
-                         stats_dir=str(record_stats_dir) if record_stats_dir else None)
+    tp_size = sglang_kwargs.get("tp_size", 1)
+    setup = server_setup(str(mask) if mask else None, on_cpu=on_cpu, tp_size=tp_size,
+                         stats_dir=str(record_stats_dir) if record_stats_dir else None,
+                         local_ranks=ranks_per_node(sglang_kwargs, tp_size))
     for key in set(os.environ) - set(setup.env):  # e.g. a mask left over from an earlier create_engine
         del os.environ[key]
     os.environ.update(setup.env)

@@ -18,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from easyep_sglang.launch_checks import check_cpu_settings, check_expert_split, check_settings, settings_from_cli
+from easyep_sglang.launch_checks import (check_cpu_settings, check_expert_split, check_settings, ranks_per_node,
+                                         settings_from_cli)
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
 from easyep_sglang.sglang_plugin import TESTED_SGLANG_VERSION
@@ -91,7 +92,8 @@ def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     if on_cpu:
         check_cpu_settings(settings_from_cli(passthrough))
     setup = server_setup(args.mask, on_cpu=on_cpu, tp_size=args.tp_size, prune=args.prune,
-                         stats_dir=args.record_stats, pruned_checkpoint=bool(pruned and pruned.needs_plugin))
+                         stats_dir=args.record_stats, pruned_checkpoint=bool(pruned and pruned.needs_plugin),
+                         local_ranks=ranks_per_node(settings_from_cli(passthrough), args.tp_size))
     if args.mask or args.record_stats or pruned and pruned.needs_plugin:
         check_plugin_will_run(setup.env, args.allow_untested_sglang)
     if args.device:

@@ -34,6 +34,8 @@ def settings_from_cli(argv: list[str]) -> dict:
     parser.add_argument("--startup-weight-load-mode", default="serial")
     parser.add_argument("--moe-runner-backend", default="auto")
     parser.add_argument("--speculative-algorithm")
+    parser.add_argument("--nnodes", type=int, default=1)
+    parser.add_argument("--pp-size", "--pipeline-parallel-size", type=int, default=1)
     try:
         settings, _ = parser.parse_known_args(argv)
     except argparse.ArgumentError as err:
@@ -47,6 +49,14 @@ def ep_size_of(settings: dict, tp_size: int) -> int:
     if settings.get("moe_a2a_backend") not in (None, "none"):
         return tp_size
     return settings.get("ep_size") or 1
+
+
+def ranks_per_node(settings: dict, tp_size: int) -> int:
+    """The schedulers SGLang starts on each node: DP replicas x TP x PP over --nnodes. DP attention splits the TP
+    ranks instead of adding replicas (`dp_size * tp_size * pp_size` in `utils/numa_utils.py`, init_threads_binding)."""
+    dp_attention = settings.get("enable_dp_attention") or (settings.get("attn_dp_size") or 1) > 1
+    replicas = 1 if dp_attention else settings.get("dp_size") or 1
+    return max(1, replicas * tp_size * (settings.get("pp_size") or 1) // (settings.get("nnodes") or 1))
 
 
 def check_cpu_settings(settings: dict) -> None:

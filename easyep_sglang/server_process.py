@@ -100,6 +100,57 @@ class LaunchedServer:
         return [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == self.proc.pid]
 
 
+class LoopbackNodes:
+    """One SGLang server spread over `nnodes` nodes simulated on this machine: a launcher per node, joined by SGLang's
+    --nnodes/--node-rank/--dist-init-addr on loopback, each node bound to its share of the cores. Node 0 serves the
+    API at `base_url`; a node past 0 runs its TP ranks and only a health endpoint. Same interface as LaunchedServer.
+    """
+
+    def __init__(self, model_path: str | Path, *, nnodes: int, mask: str | Path | None = None,
+                 extra_args: list[str] = (), env: dict[str, str] | None = None, log_path: str | Path,
+                 startup_timeout: float = 300):
+        from easyep_sglang.sglang_plugin.server_env import split_cores
+
+        address = f"127.0.0.1:{free_port()}"
+        log_path = Path(log_path)
+        self.nodes = [
+            LaunchedServer(model_path, mask=mask, startup_timeout=startup_timeout,
+                           extra_args=[*extra_args, "--nnodes", str(nnodes), "--node-rank", str(rank),
+                                       "--dist-init-addr", address],
+                           env={**(env or {}), "SGLANG_CPU_OMP_THREADS_BIND": cores},
+                           log_path=log_path if rank == 0 else log_path.with_suffix(f".node{rank}{log_path.suffix}"))
+            for rank, cores in enumerate(split_cores(nnodes))]
+        self.base_url, self.log_path = self.nodes[0].base_url, self.nodes[0].log_path
+
+    @property
+    def log_paths(self) -> list[Path]:
+        return [node.log_path for node in self.nodes]
+
+    def start(self) -> None:
+        self.spawn()
+        self.wait_until_healthy()
+
+    def spawn(self) -> None:
+        for node in self.nodes:
+            node.spawn()
+
+    def wait_until_healthy(self) -> None:
+        try:
+            for node in self.nodes:
+                node.wait_until_healthy()
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Node 0 first: SGLang's other nodes ignore SIGTERM and stop when node 0 sends their schedulers ShutdownReq."""
+        for node in self.nodes:
+            node.stop()
+
+    def pids(self) -> list[int]:
+        return [pid for node in self.nodes for pid in node.pids()]
+
+
 def _terminate_with_parent() -> None:
     # If the caller dies without stopping us (killed test run), the server still gets SIGTERM.
     PR_SET_PDEATHSIG = 1

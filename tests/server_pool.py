@@ -11,8 +11,9 @@ the suite's dominant cost: fewer servers, and the overlap, are what keep the sui
 Names are `kind:target`:
   plain:MODEL    no mask                                  mask:MASK      the mask's model with --mask
   prune:MASK     --mask --prune                           offline:MASK   the offline-pruned checkpoint of MASK
-  tp2:MASK       --mask --tp-size 2
-plain, mask and tp2 servers also record calibration statistics (--record-stats) into `server.stats_dir`.
+  tp2:MASK       --mask --tp-size 2                       nodes2:MASK    --mask --tp-size 2 over two nodes (loopback)
+  dp2:MASK       --mask --dp-size 2 (two replicas under SGLang's DP controller)
+plain, mask, tp2 and nodes2 servers also record calibration statistics (--record-stats) into `server.stats_dir`.
 A "+fusion" suffix adds --enforce-shared-experts-fusion (DeepSeek's shared expert fused into the routed
 experts, SGLang's default on GPUs).
 MODEL is "ARCH/fp32", "ARCH/bf16" (tiny models from easyep_sglang.demo_model) or "demo" (the shipped demo
@@ -35,7 +36,7 @@ from pathlib import Path
 from easyep_sglang.demo import DEMO_MODEL
 from easyep_sglang.mask import ExpertMask
 from easyep_sglang.prune import prune_checkpoint
-from easyep_sglang.server_process import LaunchedServer
+from easyep_sglang.server_process import LaunchedServer, LoopbackNodes
 from easyep_sglang.sglang_plugin.expert_distribution import RECORDER_DIR_ENV, RECORDER_SERVER_ARGS
 from easyep_sglang.spec import spec_from_model_path
 
@@ -74,11 +75,14 @@ class ServerSpec:
     mask: str | None = None
     args: tuple[str, ...] = ()
     record_stats: bool = False
+    nnodes: int = 1  # >1: LoopbackNodes, one launcher per node
 
     @property
     def weight(self) -> int:
-        """Memory and cores it takes, in servers: its TP size."""
-        return int(self.args[self.args.index("--tp-size") + 1]) if "--tp-size" in self.args else 1
+        """Memory and cores it takes, in servers: its schedulers (TP x DP)."""
+        def size(flag):
+            return int(self.args[self.args.index(flag) + 1]) if flag in self.args else 1
+        return size("--tp-size") * size("--dp-size")
 
 
 def server_spec(name: str) -> ServerSpec:
@@ -103,17 +107,21 @@ def _server_spec(name: str) -> ServerSpec:
         "prune": ServerSpec(f"{arch}/fp32", target, (*args, "--prune")),
         "offline": ServerSpec(f"offline/{target}", None, args),
         "tp2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True),
+        "nodes2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True, nnodes=2),
+        "dp2": ServerSpec(f"{arch}/fp32", target, (*args, "--dp-size", "2")),
     }[kind]
 
 
 def witnessed_server(model: Path, mask: Path | None, args: tuple[str, ...], workdir: Path,
-                     record_stats: bool = False) -> LaunchedServer:
+                     record_stats: bool = False, nnodes: int = 1) -> LaunchedServer | LoopbackNodes:
     """A (not yet started) server with SGLang's expert-distribution recorder dumping into `workdir`
-    (`server.recorder_dir`) and, with `record_stats`, our statistics recorder into `server.stats_dir`."""
+    (`server.recorder_dir`) and, with `record_stats`, our statistics recorder into `server.stats_dir`. Its log is
+    `workdir/server.log` (node N's: server.nodeN.log)."""
     workdir.mkdir(parents=True, exist_ok=True)
     extra = (*RECORDER_SERVER_ARGS, *args, *(("--record-stats", str(workdir / "stats")) if record_stats else ()))
-    server = LaunchedServer(model, mask=mask, extra_args=list(extra), env={RECORDER_DIR_ENV: str(workdir)},
-                            log_path=workdir / "server.log", startup_timeout=STARTUP_TIMEOUT_S)
+    common = dict(mask=mask, extra_args=list(extra), env={RECORDER_DIR_ENV: str(workdir)},
+                  log_path=workdir / "server.log", startup_timeout=STARTUP_TIMEOUT_S)
+    server = LoopbackNodes(model, nnodes=nnodes, **common) if nnodes > 1 else LaunchedServer(model, **common)
     server.model_path, server.mask_path = model, mask
     server.recorder_dir, server.stats_dir = workdir, workdir / "stats"
     return server
@@ -264,7 +272,7 @@ class ServerPool:
         model = self.store.model(spec.model)
         mask = self.store.mask(spec.mask) if spec.mask else None
         server = witnessed_server(model, mask, spec.args, self.root / name.replace("/", "-").replace(":", "-"),
-                                  spec.record_stats)
+                                  spec.record_stats, spec.nnodes)
         server.name = name
         self.servers[name], self.ready[name] = server, threading.Event()
         # Spawned here, in the pool's thread or the tests' main thread, which live as long as the server: the

@@ -121,7 +121,8 @@ def test_fp32_statistics_match_transformers(servers, arch):
 
 
 @pytest.mark.parametrize("server_name, tp_size", [
-    ("tp2:deepseek_v3/tp2", 2),  # also test_gate_mask_tp2's server
+    ("tp2:deepseek_v3/tp2", 2),  # also test_gate_mask_parallel's server
+    ("nodes2:deepseek_v3/tp2", 2),  # TP=2 across two nodes on loopback, also test_gate_mask_parallel's
     ("mask:deepseek_v3/varying+fusion", 1),  # the shared expert fused into the routed experts, SGLang's GPU default
 ])
 @pytest.mark.servers("{server_name}")

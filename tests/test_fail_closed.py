@@ -6,6 +6,7 @@ Startup is checked through LaunchedServer, which returns only once /health answe
 real generation) and raises as soon as the launcher exits: a raise means no request ever got a completion.
 """
 
+import dataclasses
 import re
 import textwrap
 from pathlib import Path
@@ -17,16 +18,21 @@ import pytest
 from easyep_sglang import calibrate
 from easyep_sglang.launch import prepare
 from easyep_sglang.mask import ExpertMask
-from easyep_sglang.server_process import LaunchedServer
+from easyep_sglang.server_process import LaunchedServer, LoopbackNodes
+from easyep_sglang.sglang_plugin import fail_closed
+from easyep_sglang.sglang_plugin.fail_closed import WorkerReport
+from easyep_sglang.sglang_plugin.served_mask import ServedMask
 from easyep_sglang.spec import spec_from_model_path
+from server_pool import MASKS
 
 STOP_WITHIN_S = 30
 STOPPED = "easyep: error: server stopped before serving: "
 
 
-def _half_mask(model, path):
+def _half_mask(model, path, upper: bool = False):
     spec = spec_from_model_path(model)
-    ExpertMask.for_spec(spec, {layer: list(range(spec.n_experts // 2)) for layer in spec.moe_layers}, "test").save(path)
+    half = range(spec.n_experts // 2, spec.n_experts) if upper else range(spec.n_experts // 2)
+    ExpertMask.for_spec(spec, {layer: list(half) for layer in spec.moe_layers}, "test").save(path)
     return path
 
 
@@ -116,7 +122,31 @@ def test_worker_without_the_plugin_stops_the_server(tmp_path, tiny_models):
     (site / "sitecustomize.py").write_text(
         'import os, sys\nif "--multiprocessing-fork" in sys.argv:\n    os.environ["SGLANG_PLUGINS"] = "none"\n')
     line = _fails_closed(tmp_path, tiny_models["qwen3_moe"], env={"PYTHONPATH": str(site)})
-    assert "scheduler 0: it did not report, so the easyep plugin did not run in it" in line
+    assert "worker 0: it did not report, so the easyep plugin did not run in it" in line
+
+
+def test_node_with_another_mask_stops_both_nodes(tmp_path, model_store):
+    """TP=2 over two nodes on loopback, node 1 started (as an operator would, by hand) with another mask. The ranks
+    gather their reports over SGLang's world group, so each node's launcher sees the other node's rank and refuses."""
+    model = model_store.model("deepseek_v3/fp32")
+    mask, other = _half_mask(model, tmp_path / "mask.json"), _half_mask(model, tmp_path / "other.json", upper=True)
+    nodes = LoopbackNodes(model, nnodes=2, mask=mask, extra_args=["--tp-size", "2", "--dtype", "float32"],
+                          log_path=tmp_path / "server.log")
+    node0, node1 = nodes.nodes
+    node1.command[node1.command.index("--mask") + 1] = str(other)
+    digest, other_digest = ExpertMask.load(mask).digest(), ExpertMask.load(other).digest()
+    try:
+        nodes.spawn()
+        line = _stops_before_serving(node0.log_path, node0.wait_until_healthy, RuntimeError,
+                                     "server exited with 1 during startup")
+        assert node1.proc.wait(timeout=STOP_WITHIN_S) == 1
+    finally:
+        nodes.stop()
+    assert "worker 1: sglang::scheduler_TP1" in line and f"applied mask {other_digest}" in line, line
+    assert f"expected {digest}" in line
+    node1_lines = [x for x in node1.log_path.read_text().splitlines() if x.startswith(STOPPED)]
+    assert len(node1_lines) == 1 and "worker 0: sglang::scheduler_TP0" in node1_lines[0]
+    assert f"applied mask {digest}" in node1_lines[0] and f"expected {other_digest}" in node1_lines[0]
 
 
 def test_launcher_refuses_an_allowlist_without_the_plugin(tmp_path, tiny_models, monkeypatch):
@@ -133,3 +163,18 @@ def test_launcher_refuses_an_untested_sglang_unless_allowed(tmp_path, tiny_model
     with pytest.raises(ValueError, match="pass --allow-untested-sglang"):
         prepare(args)
     prepare([*args, "--allow-untested-sglang"])
+
+
+def test_a_draft_model_must_report_the_mtp_layers_the_mask_names(model_store):
+    """With NEXTN/EAGLE the draft model runs in each scheduler beside the target and masks the MTP layer
+    (gate_mask.py). SGLang's draft worker cannot run on this CPU (launch_checks.check_cpu_settings), so the
+    server's check is driven directly, with the report a scheduler whose draft never masked would send."""
+    spec = spec_from_model_path(model_store.model("deepseek_v3_mtp/fp32"))
+    keep = {layer: tuple(ids) for layer, ids in MASKS["deepseek_v3_mtp/whole"].items()}
+    served = ServedMask("mask", keep, spec)
+    target_only = WorkerReport("sglang::scheduler_TP0", 1, mask_digest=served.mask_digest, mask_layers=[1, 2], kept=16)
+    assert fail_closed._problem(target_only, served) is None, "without a draft model the target's layers suffice"
+    problem = fail_closed._problem(target_only, served, draft_model=True)
+    assert problem and problem.endswith(f"expected {served.mask_digest} on layers [1, 2, 3]")
+    with_draft = dataclasses.replace(target_only, mask_layers=[1, 2, 3], kept=24)
+    assert fail_closed._problem(with_draft, served, draft_model=True) is None

@@ -212,3 +212,18 @@ def test_engine_keyword_arguments_are_checked_alike():
         check_settings({"startup_weight_load_mode": "overlap"}, tp_size=1, masked=True)
     with pytest.raises(ValueError, match="invalid int value: 'two'; fix the SGLang argument"):
         settings_from_cli(["--ep-size", "two"])
+
+
+@pytest.mark.parametrize("flags, binding", [
+    (["--tp-size", "2"], "0|1"),  # two TP ranks on this machine
+    (["--dp-size", "2"], "0|1"),  # two replicas of one rank each
+    (["--tp-size", "2", "--attn-dp-size", "2"], "0|1"),  # DP attention splits the TP ranks, adds none
+    (["--tp-size", "2", "--nnodes", "2", "--node-rank", "1", "--dist-init-addr", "10.0.0.1:5000"], "0-1"),  # one per node
+])
+def test_each_scheduler_on_this_node_gets_its_share_of_the_cores(tiny_models, flags, binding, monkeypatch):
+    """On a CPU the launcher binds the schedulers SGLang starts on this node (DP x TP x PP over --nnodes) to equal
+    shares of the cores; SGLang asserts one share per scheduler (utils/numa_utils.py, init_threads_binding)."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    _, env = prepare(["--model-path", str(tiny_models["qwen3_moe"]), "--device", "cpu", *flags])
+    assert env.get("SGLANG_CPU_OMP_THREADS_BIND") == binding

@@ -2,7 +2,7 @@
 kept count), for --mask, --prune and an offline-pruned checkpoint; report rows record it and refuse another mask.
 
 Named to run just before test_prune_serving.py, the next user of these pool servers (the pool keeps a server alive
-until its last use). TP=2: test_gate_mask_tp2.py.
+until its last use). TP=2, two nodes and DP=2: test_gate_mask_parallel.py.
 """
 
 import json
@@ -19,13 +19,13 @@ MASK = "deepseek_v3/varying"  # per-layer counts differ, groups split: the offli
 MODES = {f"mask:{MASK}": "mask", f"prune:{MASK}": "prune", f"offline:{MASK}": "pruned-checkpoint"}
 
 
-def assert_workers_report(server, name: str, digest: str, keep: dict, tp_size: int = 1) -> None:
-    """Every scheduler of `server` reported `digest` on the layers of `keep`, and is one of the server's processes."""
+def assert_workers_report(server, name: str, digest: str, keep: dict, schedulers: int = 1) -> None:
+    """Each of the `schedulers` of `server` reported `digest` on the layers of `keep`, and is one of its processes."""
     served = server_info(server.base_url)[REPORT_KEY]
     kept = sum(len(ids) for ids in keep.values())
     assert (served["mask_digest"], served["layers"], served["kept"]) == (digest, sorted(keep), kept), served
     workers = served["workers"]
-    assert len({w["pid"] for w in workers}) == tp_size and {w["pid"] for w in workers} <= set(server.pids())
+    assert len({w["pid"] for w in workers}) == schedulers and {w["pid"] for w in workers} <= set(server.pids())
     pruned = sorted(keep) if served["mode"] != "mask" else []
     for worker in workers:
         assert worker["worker"].startswith("sglang::scheduler"), worker

@@ -24,10 +24,11 @@ def _post(base_url: str, path: str, api_key: str | None) -> None:
 
 
 def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable[[], None],
-                         api_key: str | None = None) -> torch.Tensor:
+                         api_key: str | None = None, dp_size: int = 1) -> torch.Tensor:
     """Choices per (layer, logical expert) during `workload`, summed over steps.  # [num_layers, E]
 
     In "stat" mode the counts are all-reduced over ranks, so under TP each token counts once per rank.
+    `dp_size`: the server's --dp-size; each replica (TP=1) dumps the counts of its own tokens, which are summed.
     `api_key`: the server's --api-key, which also guards these endpoints.
     """
     dump_dir = Path(dump_dir)
@@ -40,7 +41,10 @@ def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable
     _post(base_url, "/dump_expert_distribution_record", api_key)
     dumps = sorted(set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before)
     assert dumps, f"the server wrote no dump into {dump_dir}"
-    # [steps, L, E] -> [L, E]; under TP every worker writes the same all-reduced counts
+    # [steps, L, E] -> [L, E]
     counts = [torch.load(d, map_location="cpu", weights_only=True)["logical_count"].sum(dim=0) for d in dumps]
-    assert all(torch.equal(c, counts[0]) for c in counts), "TP workers dumped different counts"
+    if dp_size > 1:
+        assert len(counts) == dp_size, f"{len(counts)} dumps from {dp_size} replicas"
+        return torch.stack(counts).sum(dim=0)
+    assert all(torch.equal(c, counts[0]) for c in counts), "TP workers dumped different counts"  # all-reduced
     return counts[0]

@@ -68,7 +68,9 @@ def gpu_available() -> bool:
 
 
 def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: bool = False, base_env=None,
-                 stats_dir: str | None = None, pruned_checkpoint: bool = False) -> ServerSetup:
+                 stats_dir: str | None = None, pruned_checkpoint: bool = False, local_ranks: int = 1) -> ServerSetup:
+    """local_ranks: the scheduler processes SGLang starts on this node (launch_checks.ranks_per_node); on a CPU
+    each is bound to its share of the cores."""
     assert mask_path or not prune, "pruning needs a mask"
     env = dict(os.environ if base_env is None else base_env)
     for key in (ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR, ENV_RUN_DIR):
@@ -89,17 +91,19 @@ def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: b
     env["SGLANG_USE_CPU_ENGINE"] = "1"
     env.setdefault("TORCHDYNAMO_DISABLE", "1")  # skips a ~20 s inductor compile of the grouped top-k
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(CPU_SHIM_DIR), env.get("PYTHONPATH")) if p)
+    if local_ranks > 1 or tp_size > 1:  # SGLang's default, a NUMA node per rank, fails with more ranks than nodes
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", "|".join(split_cores(local_ranks)))
     if tp_size > 1:
-        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", _split_cores(tp_size))
         # A CUDA build of torch makes pynccl look for a CUDA device; a missing library disables it.
         env.setdefault("SGLANG_NCCL_SO_PATH", str(CPU_SHIM_DIR / "no-nccl.so"))
     return ServerSetup(env, {**CPU_SERVER_DEFAULTS, **recording})
 
 
-def _split_cores(parts: int) -> str:
+def split_cores(parts: int) -> list[str]:
+    """This process's cores in `parts` equal ranges, as SGLANG_CPU_OMP_THREADS_BIND spells one ("0-3", "4")."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < parts:
-        raise ValueError(f"--tp-size {parts} needs at least {parts} CPU cores, this machine has {len(cores)}")
+        raise ValueError(f"{parts} TP ranks on this machine need at least {parts} CPU cores, it has {len(cores)}")
     size = len(cores) // parts
     chunks = [cores[i * size : (i + 1) * size] for i in range(parts)]
-    return "|".join(f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks)
+    return [f"{c[0]}-{c[-1]}" if len(c) > 1 else str(c[0]) for c in chunks]
