@@ -6,6 +6,7 @@ Start the server with `RECORDER_SERVER_ARGS` and `RECORDER_DIR_ENV` pointing at 
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 from typing import Callable
@@ -14,6 +15,7 @@ import torch
 
 RECORDER_SERVER_ARGS = ["--expert-distribution-recorder-mode", "stat"]
 RECORDER_DIR_ENV = "SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR"
+DUMP_WAIT_S = 10.0
 
 
 def _post(base_url: str, path: str, api_key: str | None) -> None:
@@ -39,12 +41,25 @@ def record_expert_counts(base_url: str, dump_dir: str | Path, workload: Callable
     finally:
         _post(base_url, "/stop_expert_distribution_record", api_key)
     _post(base_url, "/dump_expert_distribution_record", api_key)
-    dumps = sorted(set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before)
-    assert dumps, f"the server wrote no dump into {dump_dir}"
-    # [steps, L, E] -> [L, E]
-    counts = [torch.load(d, map_location="cpu", weights_only=True)["logical_count"].sum(dim=0) for d in dumps]
+    deadline = time.monotonic() + DUMP_WAIT_S  # the other ranks' files may come after the endpoint answered
+    while len(dumps := sorted(set(dump_dir.glob("expert_distribution_recorder_*.pt")) - before)) < dp_size:
+        assert time.monotonic() < deadline, f"{len(dumps)} dumps in {dump_dir}, expected {dp_size} at least"
+        time.sleep(0.2)
+    counts = [_logical_counts(d) for d in dumps]
     if dp_size > 1:
-        assert len(counts) == dp_size, f"{len(counts)} dumps from {dp_size} replicas"
         return torch.stack(counts).sum(dim=0)
     assert all(torch.equal(c, counts[0]) for c in counts), "TP workers dumped different counts"  # all-reduced
     return counts[0]
+
+
+def _logical_counts(dump: Path) -> torch.Tensor:
+    """[L, E] counts of one worker's dump. The dump endpoint answers once the first rank has dumped; another may
+    still be writing its file, so a file that ends early is read again, for up to DUMP_WAIT_S."""
+    deadline = time.monotonic() + DUMP_WAIT_S
+    while True:
+        try:
+            return torch.load(dump, map_location="cpu", weights_only=True)["logical_count"].sum(dim=0)  # [steps, L, E]
+        except (EOFError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
