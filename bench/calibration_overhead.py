@@ -1,7 +1,10 @@
 """Calibration prefill throughput with the statistics recorder on vs off, and the size of its file.
 
-    .venv/bin/python -m bench.calibration_overhead [--model-path DIR | --arch deepseek_v3] [--samples 12]
+    .venv/bin/python -m bench.calibration_overhead [--model-path DIR | --arch deepseek_v3 [--fp8]] [--samples 12]
         [--tokens 512] [--rounds 2] [--repeats 3] [SGLang args...]
+
+--fp8 builds the tiny DeepSeek-V3 in R1's FP8 layout (demo_model --fp8), served through SGLang's FP8 code with
+bf16 activations; the recorder dequantizes the chosen experts (sglang_plugin/stats_recorder.py).
 
 "off" is the plain server started by our launcher; "on" is the same server with --record-stats,
 recording. Both run with SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, as --record-stats sets it:
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> None:
                                      epilog="Other arguments go to both servers (e.g. --dtype float32).")
     parser.add_argument("--model-path", metavar="DIR", help="model to serve (default: a tiny --arch model built here)")
     parser.add_argument("--arch", default="deepseek_v3", choices=sorted(SUPPORTED_ARCHS), help="tiny model to build")
+    parser.add_argument("--fp8", action="store_true", help="build the tiny model in DeepSeek-R1's FP8 layout")
     parser.add_argument("--samples", type=int, default=12, help="prefills per timed pass (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=512, help="tokens per sample (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=2, help="off/on server pairs, alternating (default: %(default)s)")
@@ -88,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     args, sglang_args = parser.parse_known_args(argv)
     with tempfile.TemporaryDirectory(prefix="easyep-bench-") as tmp:
         workdir = Path(tmp)
-        model = Path(args.model_path) if args.model_path else build_tiny_model(args.arch, workdir / "model")
+        model = Path(args.model_path) if args.model_path else build_tiny_model(args.arch, workdir / "model", fp8=args.fp8)
         samples = random_samples(load_config(model)["vocab_size"], args.samples + 1, args.tokens)
         results = []
         for index in range(args.rounds):
@@ -98,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     passes = {mode: [t for r in results for t in r.get(mode, [])] for mode in ("off", "on", "idle")}
     best, median = ({mode: f(passes[mode]) for mode in passes} for f in (max, statistics.median))
     print(json.dumps({
-        "model": str(args.model_path or f"tiny {args.arch} (bf16)"), "sglang_args": sglang_args,
+        "model": str(args.model_path or f"tiny {args.arch} ({'FP8, R1 layout' if args.fp8 else 'bf16'})"),
+        "sglang_args": sglang_args,
         "omp_threads_bind": os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", "all cores"), "samples": args.samples,
         "tokens_per_sample": args.tokens, "rounds": args.rounds, "repeats": args.repeats,
         "prefill_tokens_per_s": {m: {"best": round(best[m], 1), "median": round(median[m], 1)} for m in passes},

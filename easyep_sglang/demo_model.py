@@ -10,6 +10,10 @@ larger spread than the default init so that routing is decisive and uneven acros
 DeepSeek-V3 can carry next-n (MTP) layers, `model.layers.{num_hidden_layers + i}`, laid out as in
 DeepSeek's release (transformers builds none; SGLang loads them as the NEXTN speculative draft). They are
 drawn from their own seed after the main model, so its tensors are those of the build without them.
+
+`--fp8` writes DeepSeek-V3 as R1 is released: every linear weight block-quantized to float8_e4m3fn with a
+`weight_scale_inv` per 128x128 block (fp8_blocks.py), except the routers, the embeddings, the heads and the MTP
+layer's eh_proj, which stay bf16 like the norms; its widths give whole blocks on each of two TP ranks (FP8_DIMS).
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
+from easyep_sglang import fp8_blocks
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0..3
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 CHARACTERS = tuple(chr(c) for c in range(32, 127)) + ("\n",)  # printable ASCII + newline, one token each
@@ -47,6 +53,12 @@ CHAT_TEMPLATE = (
 )
 CORRECTION_BIAS_STD = 0.1  # DeepSeek-V3 e_score_correction_bias; zero would hide bias-handling bugs
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# R1's release keeps these 2-D weights in bf16; every other 2-D weight is FP8 with block scales
+FP8_KEPT_BF16 = ("mlp.gate.weight", "embed_tokens.weight", "lm_head.weight", "shared_head.head.weight", "eh_proj.weight")
+# Every matrix SGLang splits over TP=2, or fuses, holds whole 128-wide blocks per rank, as SGLang's FP8 loader requires
+# (layers/quantization/fp8.py, the block checks of create_weights): q/kv heads 4 x (64 + 64), v 4 x 64, experts 256.
+FP8_DIMS = {"q_lora_rank": 128, "qk_nope_head_dim": 64, "qk_rope_head_dim": 64, "v_head_dim": 64,
+            "moe_intermediate_size": 2 * fp8_blocks.BLOCK}
 
 # DeepSeek-V3's YaRN, written as transformers 5 writes it (`rope_parameters`, the old `rope_scaling`).
 # SGLang reads the same dict and renames it "deepseek_yarn", the only rope its CPU path supports.
@@ -183,22 +195,39 @@ def _package_version() -> str:
         return "unknown (not installed)"
 
 
-def _write_checkpoint(directory: Path, arch_name: str, seed: int, dtype: str, overrides: dict) -> None:
+def _quantize_fp8(directory: Path) -> None:
+    """Block-quantize the checkpoint's linear weights in place, as DeepSeek's FP8 release does."""
+    path = directory / "model.safetensors"
+    tensors = {}
+    for name, tensor in load_file(path).items():
+        if tensor.dim() == 2 and name.endswith(".weight") and not name.endswith(FP8_KEPT_BF16):
+            tensors[name], tensors[name.removesuffix("weight") + "weight_scale_inv"] = fp8_blocks.quantize(tensor)
+        else:
+            tensors[name] = tensor
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def _write_checkpoint(directory: Path, arch_name: str, seed: int, dtype: str, overrides: dict,
+                      fp8: bool = False) -> None:
     arch = SUPPORTED_ARCHS[arch_name]
     tokenizer = create_tokenizer()
     model = create_model(arch, len(tokenizer), seed, DTYPES[dtype], overrides)
     model.save_pretrained(directory)
     if overrides.get("num_nextn_predict_layers"):
         _add_mtp_layers(directory, arch, len(tokenizer), seed, DTYPES[dtype], overrides)
+    if fp8:
+        _quantize_fp8(directory)
     tokenizer.save_pretrained(directory, save_jinja_files=False)  # chat_template inside tokenizer_config.json
-    if arch.config_json_renames:
+    if arch.config_json_renames or fp8:
         config_path = directory / "config.json"
         config = json.loads(config_path.read_text())
         for old_key, new_key in arch.config_json_renames.items():
             config[new_key] = config.pop(old_key)
+        if fp8:
+            config["quantization_config"] = fp8_blocks.QUANTIZATION_CONFIG
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     provenance = {
-        "builder": "easyep_sglang.demo_model", "arch": arch_name, "seed": seed, "dtype": dtype,
+        "builder": "easyep_sglang.demo_model", "arch": arch_name, "seed": seed, "dtype": dtype, "fp8": fp8,
         "overrides": overrides, "easyep_sglang_version": _package_version(),
         "transformers_version": transformers.__version__, "torch_version": torch.__version__,
     }
@@ -206,9 +235,15 @@ def _write_checkpoint(directory: Path, arch_name: str, seed: int, dtype: str, ov
 
 
 def build_tiny_model(
-    arch: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", force: bool = False, **overrides
+    arch: str, out_dir: str | Path, seed: int = 0, dtype: str = "bfloat16", force: bool = False, fp8: bool = False,
+    **overrides
 ) -> Path:
-    """Build a tiny `arch` checkpoint in `out_dir`; `overrides` replace config fields (e.g. num_hidden_layers=2)."""
+    """Build a tiny `arch` checkpoint in `out_dir`; `overrides` replace config fields (e.g. num_hidden_layers=2).
+    fp8: DeepSeek-V3 block-quantized as R1 is released (bf16 where R1 keeps bf16)."""
+    if fp8 and arch != "deepseek_v3":
+        raise ValueError(f"--fp8 builds DeepSeek-V3 in R1's FP8 layout; {arch} has no FP8 release layout here")
+    if fp8:
+        dtype, overrides = "bfloat16", {**FP8_DIMS, **overrides}
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
     if dtype not in DTYPES:
@@ -225,7 +260,7 @@ def build_tiny_model(
     # Build beside the target, then rename, so a crash never leaves a half-written checkpoint.
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        _write_checkpoint(staging, arch, seed, dtype, overrides)
+        _write_checkpoint(staging, arch, seed, dtype, overrides, fp8)
         # mkdtemp and transformers' shard writer make private files; a server may run as another user.
         staging.chmod(0o755)
         for path in staging.iterdir():
@@ -253,13 +288,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mtp-layers", type=int, default=0, metavar="N",
                         help="next-n (MTP) layers after the main ones, for SGLang's NEXTN speculative decoding "
                         "(deepseek_v3; SGLang loads 1) (default: 0)")
+    parser.add_argument("--fp8", action="store_true",
+                        help="deepseek_v3 as DeepSeek-R1 is released: linear weights in float8_e4m3fn with a "
+                        "weight_scale_inv per 128x128 block; routers, embeddings, heads and eh_proj in bf16 (implies "
+                        "--dtype bfloat16 and widths that split into whole blocks over TP=2)")
     args = parser.parse_args(argv)
     mtp = {"num_nextn_predict_layers": args.mtp_layers} if args.mtp_layers else {}
     try:
-        out_dir = build_tiny_model(args.arch, args.out, seed=args.seed, dtype=args.dtype, force=args.force, **mtp)
+        out_dir = build_tiny_model(args.arch, args.out, seed=args.seed, dtype=args.dtype, force=args.force,
+                                   fp8=args.fp8, **mtp)
     except (ValueError, FileExistsError) as err:
         parser.error(str(err))
-    print(f"easyep: built tiny {args.arch} ({args.dtype}, seed {args.seed}) in {out_dir}")
+    print(f"easyep: built tiny {args.arch} ({'fp8' if args.fp8 else args.dtype}, seed {args.seed}) in {out_dir}")
 
 
 if __name__ == "__main__":

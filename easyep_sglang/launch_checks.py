@@ -105,10 +105,17 @@ def check_settings(settings: dict, *, tp_size: int, spec: MoESpec | None = None,
             # the TopK output the recorder reads already holds physical slot ids (select_experts)
             raise ValueError(f"--record-stats cannot record under {flag}: SGLang hands the recorder physical expert "
                              f"slots, not expert ids; calibrate without {flag}")
-        quantization = model_path and (load_config(model_path).get("quantization_config") or {}).get("quant_method")
-        if quantization:
-            raise ValueError(f"--record-stats recomputes bf16 or fp32 experts; {model_path} is quantized "
-                             f"({quantization}); calibrate a bf16 copy of the checkpoint")
+        quantization = (model_path and load_config(model_path).get("quantization_config")) or {}
+        if quantization and not _fp8_blocks(quantization):
+            raise ValueError(f"--record-stats recomputes bf16, fp32 or FP8 block-quantized experts; {model_path} is "
+                             f"quantized ({quantization.get('quant_method')}, blocks "
+                             f"{quantization.get('weight_block_size')}); calibrate a bf16 copy of the checkpoint")
+
+
+def _fp8_blocks(quantization: dict) -> bool:
+    """DeepSeek's FP8 release format: fp8 weights with a scale per square block (the recorder dequantizes it)."""
+    block = quantization.get("weight_block_size")
+    return quantization.get("quant_method") == "fp8" and bool(block) and len(block) == 2 and block[0] == block[1]
 
 
 def _placement_flag(settings: dict) -> str | None:

@@ -12,6 +12,10 @@ Memory model (per GPU, with N GPUs): budget = gpu_mem x mem_fraction; served wei
 the N GPUs (TP/EP); what is left holds KV cache. MLA (DeepSeek) stores (kv_lora_rank + qk_rope_head_dim)
 values per token per layer on every GPU; GQA (Qwen) stores 2 x kv_heads x head_dim, split over up to
 kv_heads GPUs. MTP/next-n layers are reported apart: SGLang loads them only as a speculative draft.
+
+Calibration serves every expert (`calibrate`, `--record-stats`), so it needs the full model's GPUs; the table
+ends with them for the checkpoint as stored and, for an FP8 one, for a bf16 copy (2 bytes per weight, no
+scales), in nodes of --gpus GPUs. The recorder adds one expert matrix in float32 per GPU for FP8 experts.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from easyep_sglang.mask import ExpertMask, MaskError
-from easyep_sglang.plan_shapes import Weight, checkpoint_weights, estimate_weights
+from easyep_sglang.plan_shapes import SCALE_SUFFIXES, Weight, checkpoint_weights, estimate_weights
 from easyep_sglang.spec import MoESpec, load_config, spec_from_config
 
 PARTS = ("dense", "router", "routed_experts", "mtp")  # dense = attention, embeddings, norms, dense/shared MLPs
@@ -163,7 +167,30 @@ def plan_table(config: dict, weights: list[Weight], source: str, args) -> str:
     if last and last.nbytes["mtp"]:
         lines += ["", f"MTP/next-n layers (loaded only as a speculative draft, not pruned): "
                   f"{human(last.nbytes['mtp'])}, {human(last.params['mtp'], count=True)} params."]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *calibration_lines(config, weights, spec, args)])
+
+
+def calibration_lines(config: dict, weights: list[Weight], spec: MoESpec, args) -> list[str]:
+    """What calibrating needs: every expert served, for the checkpoint as stored and, if FP8, a bf16 copy."""
+    fp8 = any(w.name.endswith(SCALE_SUFFIXES) for w in weights)
+    stored = [("as stored (FP8)" if fp8 else "as stored", weights)]
+    if fp8:  # an FP8 weight holds 1 byte per parameter; its copy 2, and no scales
+        stored.append(("a bf16 copy", [Weight(w.name, 2 * w.numel if w.nbytes == w.numel else w.nbytes, w.numel)
+                                      for w in weights if not w.name.endswith(SCALE_SUFFIXES)]))
+    gpu_mem, kv_bytes = parse_bytes(args.gpu_mem), KV_DTYPE_BYTES[args.kv_cache_dtype]
+    lines = ["Calibration serves every expert (TP over all its GPUs; --nnodes past one node):"]
+    for label, ws in stored:
+        fp = footprint(ws, spec, {})
+        gpus = next((g for g in GPU_COUNTS if capacity(fp, config, spec, g, gpu_mem, args.mem_fraction, kv_bytes,
+                                                       args.min_kv_tokens).fits), None)
+        where = (f"{gpus} GPUs, {math.ceil(gpus / args.gpus)} node(s) of {args.gpus} x {args.gpu_mem}" if gpus
+                 else f"more than {GPU_COUNTS[-1]} GPUs")
+        lines.append(f"- calibrating {label}: {human(fp.served_bytes)} of weights; {where}")
+    if fp8 and "moe_intermediate_size" in config:  # one expert's w13 [2I/tp, H] in float32, at the smallest TP
+        lines.append(f"- the recorder dequantizes one FP8 expert matrix at a time: at most "
+                     f"{human(2 * config['moe_intermediate_size'] * config['hidden_size'] * 4)} per GPU (TP=1), "
+                     f"divided by the TP size")
+    return lines
 
 
 def load_weights(args) -> tuple[dict, list[Weight], str]:

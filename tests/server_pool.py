@@ -17,7 +17,7 @@ plain, mask, tp2 and nodes2 servers also record calibration statistics (--record
 A "+fusion" suffix adds --enforce-shared-experts-fusion (DeepSeek's shared expert fused into the routed
 experts, SGLang's default on GPUs).
 MODEL is "ARCH/fp32", "ARCH/bf16" (tiny models from easyep_sglang.demo_model) or "demo" (the shipped demo
-MoE); MASK is "ARCH/NAME" from MASKS, on the float32 tiny model. Every server of a tiny model gets
+MoE); MASK is "ARCH/NAME" from MASKS, on the tiny model in MASKED_DTYPE (float32 unless named there). Every server of a tiny model gets
 MODEL_ARGS[ARCH], and every server records routing choices with SGLang's expert-distribution recorder into
 `server.recorder_dir`.
 """
@@ -58,14 +58,20 @@ MASKS = {
     # deepseek_v3/whole, and the MTP layer 3 keeps 2 whole groups too: exact, stock SGLang's NextN draft loads it
     "deepseek_v3_mtp/whole": {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15],
                               3: [0, 1, 2, 3, 12, 13, 14, 15]},
+    # deepseek_v3/varying on the FP8 model (R1's layout)
+    "deepseek_v3_fp8/varying": {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8, 12]},
 }
 # Tiny-model variants: ARCH -> (demo_model arch, its command-line flags). deepseek_v3_mtp adds a next-n (MTP)
-# layer 3 to deepseek_v3, whose layers 0-2 it keeps bit for bit.
-VARIANTS = {"deepseek_v3_mtp": ("deepseek_v3", ("--mtp-layers", "1"))}
+# layer 3 to deepseek_v3, whose layers 0-2 it keeps bit for bit. deepseek_v3_fp8 is DeepSeek-R1's FP8 release layout
+# (demo_model --fp8: wider, so its blocks are whole, with an MTP layer), served as "deepseek_v3_fp8/bf16": SGLang
+# serves FP8 with bf16 or fp16 activations only (model_loader/loader.py:268).
+VARIANTS = {"deepseek_v3_mtp": ("deepseek_v3", ("--mtp-layers", "1")),
+            "deepseek_v3_fp8": ("deepseek_v3", ("--fp8", "--mtp-layers", "1"))}
 # Flags every server of a tiny model gets: DeepSeek prefills in chunks of 16 tokens with the prefix cache on,
 # Qwen in one chunk with the cache off, so calibration (and everything else) is checked under both.
 MODEL_ARGS = {"deepseek_v3": ("--chunked-prefill-size", "16"), "qwen3_moe": ("--disable-radix-cache",)}
 MODEL_ARGS.update({variant: MODEL_ARGS[arch] for variant, (arch, _) in VARIANTS.items()})
+MASKED_DTYPE = {"deepseek_v3_fp8": "bf16"}  # the served dtype of an ARCH's masked servers, when not fp32
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
@@ -101,15 +107,21 @@ def _server_spec(name: str) -> ServerSpec:
     if target not in MASKS:
         raise KeyError(f"unknown test mask {target!r}; known: {', '.join(MASKS)}")
     arch = target.split("/")[0]
-    args = ("--dtype", "float32", *MODEL_ARGS[arch])
+    model = masked_model(arch)
+    args = ("--dtype", DTYPES[model.split("/")[1]], *MODEL_ARGS[arch])
     return {
-        "mask": ServerSpec(f"{arch}/fp32", target, args, record_stats=True),
-        "prune": ServerSpec(f"{arch}/fp32", target, (*args, "--prune")),
+        "mask": ServerSpec(model, target, args, record_stats=True),
+        "prune": ServerSpec(model, target, (*args, "--prune")),
         "offline": ServerSpec(f"offline/{target}", None, args),
-        "tp2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True),
-        "nodes2": ServerSpec(f"{arch}/fp32", target, (*args, "--tp-size", "2"), record_stats=True, nnodes=2),
-        "dp2": ServerSpec(f"{arch}/fp32", target, (*args, "--dp-size", "2")),
+        "tp2": ServerSpec(model, target, (*args, "--tp-size", "2"), record_stats=True),
+        "nodes2": ServerSpec(model, target, (*args, "--tp-size", "2"), record_stats=True, nnodes=2),
+        "dp2": ServerSpec(model, target, (*args, "--dp-size", "2")),
     }[kind]
+
+
+def masked_model(arch: str) -> str:
+    """The MODEL the masks of `arch` apply to."""
+    return f"{arch}/{MASKED_DTYPE.get(arch, 'fp32')}"
 
 
 def witnessed_server(model: Path, mask: Path | None, args: tuple[str, ...], workdir: Path,
@@ -148,7 +160,7 @@ class ModelStore:
         with self._lock:
             if f"mask/{name}" not in self._built:
                 arch = name.split("/")[0]
-                spec = spec_from_model_path(self.model(f"{arch}/fp32"))
+                spec = spec_from_model_path(self.model(masked_model(arch)))
                 keep = MASKS[name]
                 if keep == "all":
                     keep = {layer: range(spec.n_experts) for layer in spec.moe_layers}
@@ -161,7 +173,7 @@ class ModelStore:
         out = self.root / key.replace("/", "-")
         if key.startswith("offline/"):
             mask = key.removeprefix("offline/")
-            prune_checkpoint(self.model(f"{mask.split('/')[0]}/fp32"), self.mask(mask), out)
+            prune_checkpoint(self.model(masked_model(mask.split("/")[0])), self.mask(mask), out)
             return out
         arch, dtype = key.split("/")
         arch, flags = VARIANTS.get(arch, (arch, ()))

@@ -187,13 +187,22 @@ def test_record_stats_refuses_dp_attention_ep_placement_and_overlap(tiny_models,
     prepare(argv + ["--dp-size", "2"])  # data-parallel replicas without DP attention are not refused
 
 
-def test_record_stats_refuses_a_quantized_checkpoint(tiny_models, tmp_path):
-    model = tmp_path / "fp8"
+@pytest.mark.parametrize("quantization, refused", [
+    ({"quant_method": "fp8"}, "(fp8, blocks None)"),  # per-tensor FP8
+    ({"quant_method": "awq", "weight_block_size": [128, 128]}, "(awq, blocks [128, 128])"),
+    ({"quant_method": "fp8", "weight_block_size": [128, 128]}, None),  # DeepSeek's FP8 release: recorded
+])
+def test_record_stats_refuses_a_quantized_checkpoint_unless_fp8_blocks(tiny_models, tmp_path, quantization, refused):
+    model = tmp_path / "quantized"
     shutil.copytree(tiny_models["deepseek_v3"], model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
-    with pytest.raises(ValueError, match=r"fp8 is quantized \(fp8\); calibrate a bf16 copy of the checkpoint"):
-        prepare(["--model-path", str(model), "--device", "cpu", "--record-stats", str(tmp_path / "stats")])
+    (model / "config.json").write_text(json.dumps({**config, "quantization_config": quantization}))
+    argv = ["--model-path", str(model), "--device", "cpu", "--record-stats", str(tmp_path / "stats")]
+    if refused:
+        with pytest.raises(ValueError, match=re.escape(f"quantized {refused}; calibrate a bf16 copy of the checkpoint")):
+            prepare(argv)
+    else:
+        prepare(argv)
     prepare(["--model-path", str(model), "--device", "cpu"])  # served as it is
 
 

@@ -2,9 +2,9 @@
 
 SGLang's NEXTN speculative decoding does not run on this CPU (the launcher refuses it: launch_checks.py
 check_cpu_settings); a real server loads target and draft, then stops in the draft worker's setup. So the draft
-model is built the way a draft worker builds it, in a separate process: the launcher's own server arguments
-(launch.prepare, which adds --json-model-override-args for a plugin-served checkpoint) are parsed by SGLang's
-prepare_server_args, SGLang loads its plugins (ours among them), and SGLang's model loader builds
+model is built the way a draft worker builds it, in a separate process (sglang_worker.py): the launcher's own
+server arguments (launch.prepare, which adds --json-model-override-args for a plugin-served checkpoint) are parsed
+by SGLang's prepare_server_args, SGLang loads its plugins (ours among them), and SGLang's model loader builds
 `DeepseekV3ForCausalLMNextN` from the checkpoint under draft_model_build_scope. The target model is loaded the
 same way. The loaded MoE weights of the draft are then compared with the source checkpoint's MTP layer,
 computed here with torch indexing.
@@ -38,40 +38,15 @@ DRAFT_FLAGS = ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "1
 # {"target": "ok" | error, "draft": "ok" | error} and saves the draft's MoE parameters.
 LOAD_AS_A_WORKER = r"""
 import json, sys
+sys.path.insert(0, "tests")
 from safetensors.torch import save_file
-from sglang.srt.arg_groups.overrides import resolving_view
-from sglang.srt.configs.device_config import DeviceConfig
-from sglang.srt.configs.load_config import LoadConfig
-from sglang.srt.configs.model_config import ModelConfig
-from sglang.srt.distributed import bootstrap
-from sglang.srt.layers.moe.utils import draft_model_build_scope
-from sglang.srt.model_loader import get_model_loader
-from sglang.srt.plugins import load_plugins
-from sglang.srt.runtime_context import SpawnRanks, publish
-from sglang.srt.server_args import PortArgs, prepare_server_args
+from sglang_worker import Worker
 
-load_plugins()
-server_args = prepare_server_args(json.loads(sys.argv[1]))
-server_args.resolve_once()
-cfg = resolving_view(server_args)
-publish(server_args, role="scheduler", ranks=SpawnRanks(world_rank=0, gpu_id=0))
-port_args = PortArgs.init_new(server_args)
-bootstrap.init_parallel_runtime(server_args=server_args, device="cpu", dist_port=port_args.nccl_port)
-
-def load(is_draft):
-    path = cfg.speculative_draft_model_path if is_draft else cfg.model_path
-    config = ModelConfig.from_server_args(server_args, model_path=path, is_draft_model=is_draft)
-    bootstrap.init_layer_runtime(model_config=config)
-    loader = get_model_loader(LoadConfig(), config)
-    if not is_draft:
-        return loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
-    with draft_model_build_scope():
-        return loader.load_model(model_config=config, device_config=DeviceConfig("cpu", 0))
-
+worker = Worker(sys.argv[1])
 result = {}
 for role, is_draft in (("target", False), ("draft", True)):
     try:
-        model = load(is_draft)
+        model = worker.load(is_draft)
         result[role] = "ok"
     except Exception as err:
         result[role] = f"{type(err).__name__}: {err}"

@@ -104,6 +104,25 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert "MTP/next-n" in out
 
 
+def test_calibration_needs_of_r1_as_stored_and_as_a_bf16_copy(tmp_path, capsys):
+    """R1 as released (FP8) calibrates on one 8xH200 node; a bf16 copy (about 1.34 TB) needs two."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(R1_CONFIG))
+    main(["--config", str(config), "--gpus", "8", "--gpu-mem", "141GB"])
+    out = capsys.readouterr().out
+    assert "- calibrating as stored (FP8): 673.2 GB of weights; 8 GPUs, 1 node(s) of 8 x 141GB" in out
+    bf16 = next(line for line in out.splitlines() if line.startswith("- calibrating a bf16 copy"))
+    assert bf16.endswith("16 GPUs, 2 node(s) of 8 x 141GB") and " 1.3 TB " in bf16, bf16
+    # one expert's w13 [2 x 2048, 7168] in float32
+    assert f"at most {2 * 2048 * 7168 * 4 / 1e6:.1f} MB per GPU (TP=1)" in out
+
+
+def test_calibration_needs_of_a_bf16_checkpoint_are_one_line(tiny, capsys):
+    main(["--model-path", str(tiny), "--gpus", "1", "--gpu-mem", "24GiB", "--min-kv-tokens", "0"])
+    out = capsys.readouterr().out
+    assert "- calibrating as stored: " in out and "bf16 copy" not in out and "dequantizes" not in out
+
+
 def test_errors_name_the_fix(tmp_path, capsys):
     assert parse_bytes("80GiB") == 80 * GIB and parse_bytes("141GB") == 141 * 10**9
     with pytest.raises(ValueError, match="80GiB"):

@@ -1,7 +1,7 @@
 """Serving only the surviving experts gives the same tokens and logprobs as the masked full model,
 pruned at load time (`--prune`) or offline (`python -m easyep_sglang.prune`).
 
-fp32 tiny models, greedy decoding, SGLang on the CPU. The masks (tests/server_pool.py) cover uniform and
+fp32 tiny models, and the FP8 one in DeepSeek-R1's layout (bf16 activations), greedy decoding, SGLang on the CPU. The masks (tests/server_pool.py) cover uniform and
 per-layer-varying counts, whole groups and split groups. A checkpoint the pruner marks exact for stock
 engines is served with no plugin at all; the others through the plugin, in the source routing space.
 """
@@ -16,11 +16,12 @@ from easyep_sglang.spec import spec_from_model_path
 from server_pool import MASKS
 
 PROMPTS = ["Q: 37+48=? A:", "def add(a, b):\n    return", "The license grants you"]
-LOGPROB_TOL_FP32 = 1e-5
+LOGPROB_TOL = 1e-5  # also for the FP8 model: the same kernels over the same experts, in the same order
 STOCK_ENGINE = {  # mask -> the pruner's verdict for stock engines
     "deepseek_v3/whole": "exact",  # whole groups, the same count in every layer
     "deepseek_v3/varying": "plugin-only",  # counts differ per layer
     "qwen3_moe/varying": "plugin-only",
+    "deepseek_v3_fp8/varying": "plugin-only",  # DeepSeek-R1's FP8 layout, bf16 activations (test_fp8.py)
 }
 MASKED, PRUNED, OFFLINE = "mask:{mask}", "prune:{mask}", "offline:{mask}"
 
@@ -44,7 +45,7 @@ def _assert_same_outputs(reference, candidate):
     for ref, got in zip(reference, candidate):
         assert got["token_ids"] == ref["token_ids"]
         worst = max(abs(a - b) for a, b in zip(ref["logprobs"], got["logprobs"]))
-        assert worst <= LOGPROB_TOL_FP32, f"logprobs differ by {worst:.2e}"
+        assert worst <= LOGPROB_TOL, f"logprobs differ by {worst:.2e}"
 
 
 @pytest.mark.servers(MASKED, PRUNED)

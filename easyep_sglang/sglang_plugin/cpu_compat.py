@@ -17,6 +17,9 @@ def install() -> None:
     _installed = True
     _register_mla_dispatch_for_torch_native()
     _disable_stream_capture_probe_without_cuda()
+    from easyep_sglang.sglang_plugin import cpu_fp8
+
+    cpu_fp8.install()  # FP8 block-quantized checkpoints without AMX
 
 
 def _register_mla_dispatch_for_torch_native() -> None:

@@ -8,7 +8,10 @@ h_t the residual entering the MoE sublayer (before the norm):
              unless TopK applied the factor itself (topk_config.apply_routed_scaling_factor_on_output)
     e[i,t] = W2_i (silu(W1_i x_t) * W3_i x_t), recomputed for the chosen experts only, from the
              FusedMoE weights (w13 [E, 2I/tp, H], gate rows first; w2 [E, H, I/tp]); under TP the
-             partial sums are all-reduced over the MoE-TP group before any norm is taken
+             partial sums are all-reduced over the MoE-TP group before any norm is taken. FP8
+             block-quantized experts (Fp8MoEMethod, DeepSeek-R1 as released) are dequantized one chosen
+             expert at a time, one matrix at a time, and e computed in float32: the extra memory is one
+             expert matrix in float32 (w13: 4/3 of one expert's bf16 weights), never a layer
     r_t    = sum_i g[i,t] e[i,t]  (shared experts excluded)
     s_t    = max(0, 1 - cos(h_t, h_t + r_t))
 
@@ -25,9 +28,10 @@ Control goes through SGLang's own expert-distribution endpoints, so no new endpo
     /dump_expert_distribution_record    TP rank 0 writes DIR/easyep_stats_<unix time ns>.safetensors
 SGLang's own recorder is still driven when `--expert-distribution-recorder-mode` is set.
 
-Not supported yet, refused at load time with the fix named: quantized (e.g. FP8) experts, expert
-parallelism, DP attention, pipeline parallelism, mixed chunks, re-laid-out expert weights (AMX, some
-GPU MoE backends), kernels that route inside the MoE kernel. Calibrate with TP and bf16/fp32 weights.
+Not supported yet, refused at load time with the fix named: quantized experts other than FP8 with square
+blocks, expert parallelism, DP attention, pipeline parallelism, mixed chunks, re-laid-out expert weights
+(AMX, DeepGEMM's UE8M0 scales, some GPU MoE backends), kernels that route inside the MoE kernel. Calibrate
+with TP and bf16/fp32 or FP8 block-quantized weights.
 """
 
 from __future__ import annotations
@@ -43,7 +47,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from easyep_sglang import fp8_blocks
 from easyep_sglang.sglang_plugin import fail_closed
+from easyep_sglang.sglang_plugin.cpu_fp8 import STAND_IN_ATTR
 from easyep_sglang.sglang_plugin.server_env import ENV_STATS_DIR
 from easyep_sglang.spec import spec_from_model_path
 from easyep_sglang.stats import ExpertStats
@@ -61,6 +67,7 @@ EXPERT_DISTRIBUTION_HANDLE = "sglang.srt.managers.scheduler.Scheduler.expert_dis
 BLOCK_ATTR = "easyep_stats_block"  # _Block, on each recorded MoE block of the target model
 CALL_ATTR = "easyep_stats_call"  # _Call, on the block's TopK while the block runs a recorded forward
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e4m3fnuz)
 DUMP_GLOB = "easyep_stats_*.safetensors"  # * = unix time in ns
 
 
@@ -82,6 +89,7 @@ class _Recorder:
     top_k: int
     moe_tp_size: int
     accumulate: bool  # TP rank 0; the other ranks only join the all-reduce
+    fp8_block: int | None  # block size of FP8 block-quantized experts; None for bf16/fp32 ones
     recording: bool = False
 
     def control(self, action: str) -> None:
@@ -144,11 +152,13 @@ def _after_load_model(_result, runner, *args, **kwargs) -> None:
         "model": spec.identity(),
         "model_path": str(runner.model_config.model_path),
         "sglang_version": sglang.__version__,
-        "dtype": str(experts.w13_weight.dtype).removeprefix("torch."),
+        "dtype": str(runner.model_config.dtype).removeprefix("torch."),  # of the arithmetic
+        "expert_weights": str(experts.w13_weight.dtype).removeprefix("torch."),
         "tp_size": experts.moe_tp_size,
         "recorder": __name__,
     }
-    _recorder = _Recorder(stats, provenance, spec.top_k, experts.moe_tp_size, accumulate=experts.moe_tp_rank == 0)
+    _recorder = _Recorder(stats, provenance, spec.top_k, experts.moe_tp_size, accumulate=experts.moe_tp_rank == 0,
+                          fp8_block=fp8_block_size(experts))
     fail_closed.report().recorder = True
     logger.info("easyep: calibration recorder on %d MoE layers (TP rank %d), dumps to %s",
                 len(blocks), experts.moe_tp_rank, os.environ[ENV_STATS_DIR])
@@ -175,11 +185,15 @@ def _unsupported(server_args, blocks, n_experts: int) -> list[str]:
     method, config = experts.quant_method, experts.moe_runner_config
     if experts.moe_ep_size > 1:
         problems.append(f"experts are expert-parallel (EP={experts.moe_ep_size}); calibrate with --tp-size only")
-    if not isinstance(method, UnquantizedFusedMoEMethod) or experts.w13_weight.dtype not in FLOAT_DTYPES:
+    fp8 = fp8_block_size(experts)
+    if fp8 is None and (not isinstance(method, UnquantizedFusedMoEMethod) or experts.w13_weight.dtype not in FLOAT_DTYPES):
         problems.append(f"experts are quantized ({type(method).__name__}, {experts.w13_weight.dtype}); "
-                        "calibrate a bf16 or fp32 checkpoint")
-    elif (use_intel_amx_backend(experts) or method.load_up_proj_weight_first
-          or getattr(method, "w13_swiglu_interleaved", False)):
+                        "calibrate a bf16 or fp32 checkpoint, or an FP8 one with square weight blocks")
+    elif fp8 and getattr(experts.w13_weight_scale_inv, "format_ue8m0", False):
+        problems.append("DeepGEMM requantized the FP8 expert scales to UE8M0 and re-laid them out; "
+                        "calibrate with --moe-runner-backend triton")
+    elif (use_intel_amx_backend(experts) and not getattr(experts, STAND_IN_ATTR, False)
+          or getattr(method, "load_up_proj_weight_first", False) or getattr(method, "w13_swiglu_interleaved", False)):
         problems.append("the MoE backend re-lays out the expert weights (AMX packing, up-first or interleaved w13); "
                         "calibrate with --moe-runner-backend triton on a GPU, or on a CPU without AMX")
     if config.activation != "silu" or config.gemm1_alpha is not None or hasattr(experts, "w13_weight_bias"):
@@ -187,6 +201,21 @@ def _unsupported(server_args, blocks, n_experts: int) -> list[str]:
     if topk.topk_config.output_format not in (None, TopKOutputFormat.STANDARD):
         problems.append("the MoE kernel routes internally; calibrate with --moe-runner-backend triton")
     return problems
+
+
+def fp8_block_size(experts) -> int | None:
+    """The block size of FP8 block-quantized experts as SGLang's Fp8MoEMethod holds them (w13_weight/w2_weight in
+    float8, w13_weight_scale_inv/w2_weight_scale_inv [E, out/block, in/block] float32), else None."""
+    from sglang.srt.layers.quantization.fp8 import Fp8MoEMethod
+
+    method = experts.quant_method
+    block = getattr(getattr(method, "quant_config", None), "weight_block_size", None)
+    if not isinstance(method, Fp8MoEMethod) or not block or block[0] != block[1]:
+        return None
+    scale = getattr(experts, "w13_weight_scale_inv", None)
+    if experts.w13_weight.dtype not in FP8_DTYPES or scale is None or scale.dtype != torch.float32:
+        return None
+    return int(block[0])
 
 
 def _around_moe_block(forward, block, hidden_states, *args, **kwargs):
@@ -222,7 +251,7 @@ def _after_topk(topk_output, topk, hidden_states, *args, **kwargs) -> None:
 def _record(call: _Call, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> None:
     k = _recorder.top_k  # columns past top_k are fused shared-expert slots
     topk_ids = topk_ids[:, :k]  # [T, k]
-    expert_out = _expert_outputs(call.experts, x, topk_ids)  # [T, k, H] fp32, e
+    expert_out = _expert_outputs(call.experts, x, topk_ids, _recorder.fp8_block)  # [T, k, H] fp32, e
     if _recorder.moe_tp_size > 1:
         from sglang.srt.distributed.communication_op import moe_tensor_model_parallel_all_reduce
 
@@ -237,8 +266,10 @@ def _record(call: _Call, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
     _recorder.stats.update(call.block.row, topk_ids, g, expert_out.norm(dim=-1), s)
 
 
-def _expert_outputs(experts, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """e = W2 (silu(W1 x) * W3 x) of each (token, chosen expert), looping over the chosen experts."""
+def _expert_outputs(experts, x: torch.Tensor, topk_ids: torch.Tensor, fp8_block: int | None) -> torch.Tensor:
+    """e = W2 (silu(W1 x) * W3 x) of each (token, chosen expert), looping over the chosen experts; FP8 weights
+    (fp8_block set) are dequantized one matrix at a time, and their e computed in float32 (SGLang serves FP8 with
+    bf16/fp16 activations only; the kernels accumulate in float32)."""
     num_tokens, k = topk_ids.shape
     w13, w2 = experts.w13_weight, experts.w2_weight  # [E, 2I, H], [E, H, I]
     n_experts = w13.shape[0]
@@ -246,16 +277,24 @@ def _expert_outputs(experts, x: torch.Tensor, topk_ids: torch.Tensor) -> torch.T
     ids = ids.masked_fill(ids < 0, n_experts)  # padded slots sort last, into an extra bucket
     order = ids.argsort()  # [T*k], slots grouped by expert
     counts = torch.bincount(ids, minlength=n_experts + 1).tolist()  # the one host sync
-    outputs = []
-    for expert_id, rows in enumerate(x[order // k].split(counts)):  # rows: [n, H]
-        if expert_id == n_experts:
-            outputs.append(rows.new_zeros(rows.shape))
-        elif len(rows):
-            gate, up = F.linear(rows, w13[expert_id]).chunk(2, dim=-1)  # [n, I] each
-            outputs.append(F.linear(F.silu(gate) * up, w2[expert_id]))  # [n, H]
     out = torch.empty(num_tokens * k, x.shape[1], dtype=torch.float32, device=x.device)  # [T*k, H]
-    out[order] = torch.cat(outputs).float()
+    dtype = torch.float32 if fp8_block else x.dtype
+    for expert_id, slots in enumerate(order.split(counts)):  # [n] slots of expert_id, one expert's rows at a time
+        if expert_id == n_experts:
+            out[slots] = 0
+        elif len(slots):
+            rows = x[slots // k].to(dtype)  # [n, H]
+            gate, up = F.linear(rows, _weight(experts, "w13", expert_id, fp8_block, dtype)).chunk(2, dim=-1)
+            out[slots] = F.linear(F.silu(gate) * up, _weight(experts, "w2", expert_id, fp8_block, dtype)).float()  # [n, H]
     return out.view(num_tokens, k, -1)
+
+
+def _weight(experts, name: str, expert_id: int, fp8_block: int | None, dtype: torch.dtype) -> torch.Tensor:
+    """Expert `expert_id`'s w13 [2I, H] or w2 [H, I], real-valued."""
+    weight = getattr(experts, f"{name}_weight")[expert_id]
+    if fp8_block is None:
+        return weight
+    return fp8_blocks.dequantize(weight, getattr(experts, f"{name}_weight_scale_inv")[expert_id], dtype, fp8_block)
 
 
 def _around_expert_distribution_handle(handle, scheduler, recv_req):
