@@ -13,7 +13,13 @@ the N GPUs (TP/EP); what is left holds KV cache. MLA (DeepSeek) stores (kv_lora_
 values per token per layer on every GPU; GQA (Qwen) stores 2 x kv_heads x head_dim, split over up to
 kv_heads GPUs. MTP/next-n layers are reported apart: SGLang loads them only as a speculative draft.
 
-Calibration serves every expert (`calibrate`, `--record-stats`), so it needs the full model's GPUs; the table
+Same hardware: pruning pays on a GPU by changing the deployment shape. On the GPUs the full model needs, a
+pruned model that fits fewer runs as data-parallel replicas; the table gives each expert count's shape and the
+throughput ratio that follows from the replicas alone, as a prediction (each replica as fast as one full model).
+Where the full model spans nodes, its TP crosses the network and its own throughput drops, which would add to
+the ratio; that part is not predicted.
+
+Calibration serves every expert (`calibrate`, `--record-stats`), so it needs the full model's GPUs; the plan
 ends with them for the checkpoint as stored and, for an FP8 one, for a bf16 copy (2 bytes per weight, no
 scales), in nodes of --gpus GPUs. The recorder adds one expert matrix in float32 per GPU for FP8 experts.
 """
@@ -151,12 +157,12 @@ def plan_table(config: dict, weights: list[Weight], source: str, args) -> str:
         f"per GPU ({args.gpus} GPUs) | fits {args.gpus} x {args.gpu_mem} | KV tokens/GPU | min GPUs |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    last = None
+    last, shapes = None, []
     for label, keep in keep_sets(spec, args.keep, args.mask):
         fp = footprint(weights, spec, keep)
         cap = capacity(fp, config, spec, args.gpus, gpu_mem, args.mem_fraction, kv_bytes, args.min_kv_tokens)
-        smallest = next((g for g in GPU_COUNTS if capacity(fp, config, spec, g, gpu_mem, args.mem_fraction,
-                                                            kv_bytes, args.min_kv_tokens).fits), None)
+        smallest = min_gpus(fp, config, spec, args)
+        shapes.append((label, smallest))
         lines.append(
             f"| {label} | {human(fp.nbytes['routed_experts'])} | {human(fp.nbytes['router'])} | "
             f"{human(fp.nbytes['dense'])} | {human(fp.served_bytes)} | {human(fp.served_params, count=True)} | "
@@ -167,7 +173,36 @@ def plan_table(config: dict, weights: list[Weight], source: str, args) -> str:
     if last and last.nbytes["mtp"]:
         lines += ["", f"MTP/next-n layers (loaded only as a speculative draft, not pruned): "
                   f"{human(last.nbytes['mtp'])}, {human(last.params['mtp'], count=True)} params."]
-    return "\n".join(lines + ["", *calibration_lines(config, weights, spec, args)])
+    full_gpus = min_gpus(footprint(weights, spec, {}), config, spec, args)
+    return "\n".join(lines + ["", *same_hardware_lines(shapes, full_gpus, args.gpus), "",
+                               *calibration_lines(config, weights, spec, args)])
+
+
+def min_gpus(fp: Footprint, config: dict, spec: MoESpec, args) -> int | None:
+    """The fewest GPUs (of GPU_COUNTS) that hold `fp` with the KV cache asked for; None past the last."""
+    gpu_mem, kv_bytes = parse_bytes(args.gpu_mem), KV_DTYPE_BYTES[args.kv_cache_dtype]
+    return next((g for g in GPU_COUNTS if capacity(fp, config, spec, g, gpu_mem, args.mem_fraction, kv_bytes,
+                                                   args.min_kv_tokens).fits), None)
+
+
+def same_hardware_lines(shapes: list[tuple[str, int | None]], full_gpus: int | None, gpus_per_node: int) -> list[str]:
+    """Each configuration deployed on the full model's GPUs: GPUs per replica, replicas, predicted ratio."""
+    if full_gpus is None:
+        return [f"Same hardware: the full model does not fit {GPU_COUNTS[-1]} GPUs."]
+    nodes = math.ceil(full_gpus / gpus_per_node)
+    lines = [f"Same hardware, the full model's {full_gpus} GPUs ({nodes} node(s) of {gpus_per_node}); "
+             "throughput predicted from the replicas alone:", "",
+             "| experts/layer | GPUs per replica | replicas | predicted throughput / full |", "|---|---|---|---|"]
+    for label, gpus in shapes:
+        if gpus is None or gpus > full_gpus:
+            lines.append(f"| {label} | more than {full_gpus} | 0 | - |")
+            continue
+        spans = " (TP across nodes)" if gpus > gpus_per_node else ""
+        lines.append(f"| {label} | {gpus}{spans} | {full_gpus // gpus} | {full_gpus // gpus:.2f} (predicted) |")
+    if nodes > 1:
+        lines += ["", f"The full model's TP crosses nodes; its own throughput is below one node's, which would "
+                      f"raise every ratio above (not predicted)."]
+    return lines
 
 
 def calibration_lines(config: dict, weights: list[Weight], spec: MoESpec, args) -> list[str]:
@@ -177,12 +212,10 @@ def calibration_lines(config: dict, weights: list[Weight], spec: MoESpec, args) 
     if fp8:  # an FP8 weight holds 1 byte per parameter; its copy 2, and no scales
         stored.append(("a bf16 copy", [Weight(w.name, 2 * w.numel if w.nbytes == w.numel else w.nbytes, w.numel)
                                       for w in weights if not w.name.endswith(SCALE_SUFFIXES)]))
-    gpu_mem, kv_bytes = parse_bytes(args.gpu_mem), KV_DTYPE_BYTES[args.kv_cache_dtype]
     lines = ["Calibration serves every expert (TP over all its GPUs; --nnodes past one node):"]
     for label, ws in stored:
         fp = footprint(ws, spec, {})
-        gpus = next((g for g in GPU_COUNTS if capacity(fp, config, spec, g, gpu_mem, args.mem_fraction, kv_bytes,
-                                                       args.min_kv_tokens).fits), None)
+        gpus = min_gpus(fp, config, spec, args)
         where = (f"{gpus} GPUs, {math.ceil(gpus / args.gpus)} node(s) of {args.gpus} x {args.gpu_mem}" if gpus
                  else f"more than {GPU_COUNTS[-1]} GPUs")
         lines.append(f"- calibrating {label}: {human(fp.served_bytes)} of weights; {where}")

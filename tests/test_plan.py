@@ -98,10 +98,29 @@ def test_cli_prints_the_table(tmp_path, capsys):
     main(["--config", str(config), "--keep", "256", "128", "64", "--gpus", "8", "--gpu-mem", "80GiB"])
     out = capsys.readouterr().out
     print(out)
-    rows = [line for line in out.splitlines() if line.startswith(("| 256 ", "| 128 ", "| 64 "))]
+    table = out[: out.index("MTP/next-n")]  # the capacity table, before the same-hardware one
+    rows = [line for line in table.splitlines() if line.startswith(("| 256 ", "| 128 ", "| 64 "))]
     assert [r.split("|")[8].strip() for r in rows] == ["no", "yes", "yes"]
     assert [r.split("|")[10].strip() for r in rows] == ["16", "8", "4"]
     assert "MTP/next-n" in out
+
+
+def test_same_hardware_shapes_and_predicted_ratios(tmp_path, capsys):
+    """R1 on 8 x 80 GB GPUs per node: the full model needs two nodes (TP across them); 128 experts fit one node, so
+    the same 16 GPUs hold 2 replicas, and 64 experts 4. The ratios follow from the replicas alone (the paper
+    measured 2.99x and 4.33x, where inter-node TP also slows the full model)."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(R1_CONFIG))
+    main(["--config", str(config), "--keep", "256", "128", "64", "--gpus", "8", "--gpu-mem", "80GB"])
+    out = capsys.readouterr().out
+    assert "Same hardware, the full model's 16 GPUs (2 node(s) of 8)" in out
+    rows = out[out.index("| experts/layer | GPUs per replica"):].splitlines()[2:5]
+    assert [[cell.strip() for cell in row.split("|")[1:-1]] for row in rows] == [
+        ["256", "16 (TP across nodes)", "1", "1.00 (predicted)"],
+        ["128", "8", "2", "2.00 (predicted)"],
+        ["64", "4", "4", "4.00 (predicted)"],
+    ]
+    assert "TP crosses nodes" in out
 
 
 def test_calibration_needs_of_r1_as_stored_and_as_a_bf16_copy(tmp_path, capsys):
