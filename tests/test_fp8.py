@@ -141,7 +141,7 @@ def test_fp8_masked_server_routes_around_the_mask_and_calibrates(servers, tmp_pa
     """On the FP8 model under a mask, at TP=1 and TP=2: SGLang's own recorder counts no choice of a masked expert,
     and calibration through the server tracks transformers on the dequantized checkpoint in float32. SGLang's
     activations are bf16 here (and its CPU MLA requantizes kv_b_proj per tensor,
-    models/deepseek_common/deepseek_weight_loader.py:707), so h and x differ from float32 ones at bf16 precision:
+    models/deepseek_common/deepseek_weight_loader.py:710), so h and x differ from float32 ones at bf16 precision:
     the agreement is measured and printed, loosely bounded as for bf16 checkpoints (test_calibration_oracle.py),
     with the top-M sets required equal. The recorder's own FP8 arithmetic is held to RTOL above."""
     server = servers.use(name)
