@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
 def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """Validate our arguments; return the full launch_server argument list and its environment."""
     args, passthrough = build_parser().parse_known_args(argv)
+    settings = settings_from_cli(passthrough)
     if args.prune and not args.mask:
         raise ValueError("--prune needs --mask: it builds only the experts the mask keeps")
     pruned = read_pruned_checkpoint(args.model_path) if (Path(args.model_path) / "config.json").is_file() else None
@@ -84,16 +85,16 @@ def prepare(argv: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     else:
         prune_as, kept, kept_spec = None, None, None
         if pruned:  # stock-exact: SGLang serves it unaided, but still splits its experts over the EP ranks
-            check_expert_split(settings_from_cli(passthrough), tp_size=args.tp_size, spec=pruned.source_spec,
+            check_expert_split(settings, tp_size=args.tp_size, spec=pruned.source_spec,
                                pruned="a pruned checkpoint", keep=pruned.keep)
-    check_settings(settings_from_cli(passthrough), tp_size=args.tp_size, spec=kept_spec, pruned=prune_as, keep=kept,
+    check_settings(settings, tp_size=args.tp_size, spec=kept_spec, pruned=prune_as, keep=kept,
                    masked=bool(args.mask or prune_as), record_stats=bool(args.record_stats), model_path=args.model_path)
     on_cpu = args.device == "cpu" or (args.device is None and not gpu_available())
     if on_cpu:
-        check_cpu_settings(settings_from_cli(passthrough))
+        check_cpu_settings(settings)
     setup = server_setup(args.mask, on_cpu=on_cpu, tp_size=args.tp_size, prune=args.prune,
                          stats_dir=args.record_stats, pruned_checkpoint=bool(pruned and pruned.needs_plugin),
-                         local_ranks=ranks_per_node(settings_from_cli(passthrough), args.tp_size))
+                         local_ranks=ranks_per_node(settings, args.tp_size))
     if args.mask or args.record_stats or pruned and pruned.needs_plugin:
         check_plugin_will_run(setup.env, args.allow_untested_sglang)
     if args.device:

@@ -4,9 +4,9 @@ SGLang 0.5.23 serves FP8 on a CPU only with AMX: Fp8LinearMethod and Fp8MoEMetho
 after loading (layers/quantization/fp8.py:826, :1290, :2185), pack the weights for AMX
 (`_amx_process_weight_after_loading`), and then call three sgl_kernel CPU kernels: `fp8_scaled_mm_cpu` for linear
 layers (fp8.py:1402), `fused_experts_cpu` with FP8_W8A16 for the routed experts (fp8.py:3117) and, in DeepSeek's
-MoE block, `shared_expert_cpu` for the shared expert plus the scaled routed output (models/deepseek_v2.py:1486). Everything else (the
-config, creating the FP8 parameters, SGLang's FP8 weight loaders, MLA's FP8 kv_b_proj handling, routing) is
-SGLang's own and runs unchanged. This module stands in for the AMX part alone:
+MoE block, `shared_expert_cpu` for the shared expert plus the scaled routed output (models/deepseek_v2.py:1486).
+Everything else (the config, creating the FP8 parameters, SGLang's FP8 weight loaders, MLA's FP8 kv_b_proj
+handling, routing) is SGLang's own and runs unchanged. This module stands in for the AMX part alone:
 - the AMX check passes, and "packing" keeps each weight in the checkpoint's [out, in] layout (marked STAND_IN_ATTR,
   so the calibration recorder knows the layout is the checkpoint's);
 - the kernels are registered under torch.ops.sgl_kernel, computed in plain PyTorch: each weight block times its
@@ -87,8 +87,7 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, inplace, method, w13_scale
         if expert < 0:
             continue
         tokens, slots = (topk_ids == expert).nonzero(as_tuple=True)  # [n] each
-        gate, up = F.linear(x[tokens], fp8_blocks.dequantize(w13[expert], w13_scale[expert], x.dtype, block)).chunk(2, -1)
-        y = F.linear(F.silu(gate) * up, fp8_blocks.dequantize(w2[expert], w2_scale[expert], x.dtype, block))  # [n, H]
+        y = _expert_mlp(x[tokens], w13[expert], w13_scale[expert], w2[expert], w2_scale[expert], block)  # [n, H]
         out.index_add_(0, tokens, y.float() * topk_weights[tokens, slots, None].float())
     return out.to(x.dtype)
 
@@ -97,7 +96,11 @@ def shared_expert(x, w13, w2, routed_out, routed_scaling_factor, inplace, use_in
                   block_size, is_vnni):
     """W2 (silu(W1 x) * W3 x) of the FP8 shared expert (w13 [2I, H], w2 [H, I]) + routed_scaling_factor x routed_out."""
     assert use_fp8 and not use_int8, "stand-in covers FP8_W8A16 shared experts only"
-    block = _square_block(block_size)
-    gate, up = F.linear(x, fp8_blocks.dequantize(w13, w13_scale, x.dtype, block)).chunk(2, -1)
-    shared = F.linear(F.silu(gate) * up, fp8_blocks.dequantize(w2, w2_scale, x.dtype, block))  # [T, H]
+    shared = _expert_mlp(x, w13, w13_scale, w2, w2_scale, _square_block(block_size))  # [T, H]
     return (shared.float() + routed_out.float() * routed_scaling_factor).to(x.dtype)
+
+
+def _expert_mlp(x, w13, w13_scale, w2, w2_scale, block: int) -> torch.Tensor:
+    """W2 (silu(W1 x) * W3 x) of one FP8 expert (w13 [2I, H], gate rows first; w2 [H, I]), in x's dtype."""
+    gate, up = F.linear(x, fp8_blocks.dequantize(w13, w13_scale, x.dtype, block)).chunk(2, -1)
+    return F.linear(F.silu(gate) * up, fp8_blocks.dequantize(w2, w2_scale, x.dtype, block))
