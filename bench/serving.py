@@ -13,14 +13,17 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # The fields of SGLang's result dict a report row keeps (all others stay in the raw result).
 RESULT_FIELDS = (
     "duration", "completed", "total_input_tokens", "total_output_tokens", "request_throughput",
@@ -85,9 +88,36 @@ def bench_server(server, model_path: str | Path, config: BenchConfig = BenchConf
     OpenMP thread: with more, threads spinning at barriers for a preempted peer inflate it."""
     before = cpu_seconds(server.pids())
     result = summarize(run_bench_serving(server.base_url, model_path, config))
+    if not server.pids():  # on another machine
+        return {**result, "server_cpu_s": None, "output_tokens_per_cpu_s": None, "server_pss_bytes": None}
     used = cpu_seconds(server.pids()) - before
     return {**result, "server_cpu_s": used, "output_tokens_per_cpu_s": result["total_output_tokens"] / used,
             "server_pss_bytes": server_pss_bytes(server.pids())}
+
+
+def bench_replicas(servers: list, model_path: str | Path, config: BenchConfig = BenchConfig()) -> dict:
+    """bench_server over replicas of one model at once, the prompts and the concurrency split evenly (a client
+    that deals requests round-robin). Counts, throughputs, CPU time and PSS add up over the replicas, over the
+    longest run's duration; latencies are the replicas' means (each served the same number of requests)."""
+    if len(servers) == 1:
+        return bench_server(servers[0], model_path, config)
+    n = len(servers)
+    if config.concurrency % n or config.num_prompts % n:
+        raise ValueError(f"split {config.concurrency} concurrent of {config.num_prompts} requests evenly over {n} "
+                         "replicas: give a concurrency and a number of prompts divisible by the replicas")
+    part = replace(config, num_prompts=config.num_prompts // n, concurrency=config.concurrency // n)
+    with ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda server: bench_server(server, model_path, part), servers))
+    merged = {key: None if None in (values := [r[key] for r in parts]) else sum(values)
+              for key in ("completed", "total_input_tokens", "total_output_tokens", "server_cpu_s", "server_pss_bytes")}
+    duration = max(r["duration"] for r in parts)
+    merged.update({f"{kind}_throughput": merged[f"total_{kind}_tokens"] / duration for kind in ("input", "output")})
+    merged.update(duration=duration, request_throughput=merged["completed"] / duration,
+                  total_throughput=(merged["total_input_tokens"] + merged["total_output_tokens"]) / duration,
+                  output_tokens_per_cpu_s=merged["server_cpu_s"] and merged["total_output_tokens"] / merged["server_cpu_s"],
+                  **{key: statistics.mean(r[key] for r in parts) for key in ("mean_ttft_ms", "mean_tpot_ms", "mean_itl_ms")},
+                  replicas=parts)
+    return merged
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -129,7 +159,7 @@ class RunningServer:
         import psutil
 
         address = urllib.parse.urlsplit(base_url)
-        if address.hostname not in ("127.0.0.1", "localhost", "::1") or address.port is None:
+        if address.hostname not in LOOPBACK_HOSTS or address.port is None:
             raise ValueError(f"{base_url}: give a loopback URL with its port (http://127.0.0.1:PORT); the server's "
                              "memory and CPU are read from this machine's /proc")
         listeners = {c.pid for c in psutil.net_connections(kind="inet")
@@ -141,6 +171,22 @@ class RunningServer:
 
     def pids(self) -> list[int]:
         return [self.process.pid, *(child.pid for child in self.process.children(recursive=True))]
+
+
+class RemoteServer:
+    """A server on another machine: measured through its URL only."""
+
+    def __init__(self, base_url: str):
+        self.base_url = base_url.rstrip("/")
+
+    def pids(self) -> list[int]:
+        return []
+
+
+def served_at(base_url: str) -> RunningServer | RemoteServer:
+    """The server at a URL: on this machine (its memory and CPU are read) if the URL is a loopback one."""
+    host = urllib.parse.urlsplit(base_url).hostname
+    return RunningServer(base_url) if host in LOOPBACK_HOSTS else RemoteServer(base_url)
 
 
 def omp_env(threads: int | None) -> dict[str, str]:

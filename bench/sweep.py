@@ -3,6 +3,7 @@
     python -m bench.sweep --model-path DIR --experts 8 [--scale 0.03] [--modes full masked]
     python -m bench.sweep --bench-model expert-dominated --experts 64 32 --scale 0.03
     python -m bench.sweep --base-url http://127.0.0.1:30000 --model-path DIR --modes masked --mask-file m.json
+    python -m bench.sweep --bench-model expert-dominated --same-hardware 2 --experts 64 32 --modes full prune_offline
 
 The shape of the EASY-EP paper's throughput study (its Figures 1 and 6: SGLang, concurrency 32,
 {1K, 4K} input x {1K, 4K} output, speedup over the full model vs experts kept). Each configuration gets
@@ -19,6 +20,13 @@ pruned checkpoint). A pruned mode the launcher or pruner does not support is ski
 so slow drift in the host's load hits every mode alike; the report takes each run's ratio to the full
 model of the same round and setting, then the median over rounds. Each row records the served weight
 bytes (from the safetensors headers), so the memory ratio can be read against the ideal weight ratio.
+
+--same-hardware DEVICES deploys every configuration on the same DEVICES devices of --device-memory each, in
+the smallest shape that holds its weights plus a KV reserve (bench.same_hardware): the full model with TP
+over the devices it needs, a pruned model that fits fewer as SGLang data-parallel replicas (--dp-size). A
+replicated configuration is also measured as one replica alone on its own devices, the part the replicas
+multiply. On a CPU a device is one core. The report (bench.same_hardware_report) gives the speedup on the
+same devices with its spread over rounds, and its parts.
 """
 
 from __future__ import annotations
@@ -28,18 +36,19 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.serving import BenchConfig, RunningServer, bench_server, omp_env, sigterm_unwinds
+from bench.same_hardware import ALONE, SAME_HARDWARE, Hardware, Shape, cpu_binding, smallest_shape
+from bench.serving import BenchConfig, bench_replicas, omp_env, served_at, sigterm_unwinds
 from bench.sweep_report import write_report
 from easyep_sglang.mask import ExpertMask, MaskError
-from easyep_sglang.plan import footprint
+from easyep_sglang.plan import footprint, parse_bytes
 from easyep_sglang.plan_shapes import checkpoint_weights
 from easyep_sglang.report import append_row, provenance
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.sglang_plugin.server_env import gpu_available
-from easyep_sglang.spec import MoESpec, spec_from_model_path
+from easyep_sglang.spec import MoESpec, load_config, spec_from_model_path
 
 MODES = ("full", "masked", "prune_load", "prune_offline")
 NO_TOKEN_CAP = "1000000000"  # lifts the launcher's CPU --max-total-tokens cap: the memory fraction decides
@@ -50,6 +59,7 @@ class BenchModel:
     arch: str
     overrides: dict
     mem_fraction_static: float  # enough on a CPU host for weights plus the KV cache
+    device_memory: str = ""  # --same-hardware's default: the full model needs TP=2, half its experts fit one device
 
 
 # Random-weight DeepSeek-V3 checkpoints from easyep_sglang.demo_model. "expert-dominated" puts ~99% of
@@ -61,7 +71,7 @@ BENCH_MODELS = {
         hidden_size=512, intermediate_size=1024, num_hidden_layers=5, first_k_dense_replace=1,
         n_routed_experts=128, moe_intermediate_size=768, num_experts_per_tok=8, n_group=8, topk_group=4,
         num_attention_heads=8, num_key_value_heads=8,
-    ), 0.3),
+    ), 0.3, "1GB"),
 }
 
 
@@ -78,6 +88,12 @@ class ServerConfig:
     experts: float  # routed experts kept per MoE layer (mean over layers)
     mask_path: Path | None
     weight_bytes: int  # served by this configuration: the full checkpoint unless pruned
+    shape: Shape | None = None  # with --same-hardware: how its server is deployed
+    layout: str | None = None  # with --same-hardware: SAME_HARDWARE, or ALONE (one replica, its own devices)
+
+    def label(self) -> str:
+        shape = f", {self.shape.describe()}{' alone' if self.layout == ALONE else ''}" if self.shape else ""
+        return f"{self.mode} with {self.experts:g} experts{shape}"
 
 
 def first_experts_mask(spec: MoESpec, keep: int) -> ExpertMask:
@@ -115,15 +131,43 @@ def plan_configs(args, spec: MoESpec, model_path: Path, out_dir: Path) -> list[S
         masks.append(mask)
         paths.append(path)
     weights = checkpoint_weights(model_path)
-    full_bytes = footprint(weights, spec, {}).served_bytes
-    configs = [ServerConfig("full", spec.n_experts, None, full_bytes)] if "full" in args.modes else []
+    full = footprint(weights, spec, {})
+    planned = [ServerConfig("full", spec.n_experts, None, full.served_bytes)] if "full" in args.modes else []
+    served = [full] * len(planned)
     for mask, path in zip(masks, paths):
         resolved = mask.resolve(spec)  # every mask is checked before the first server starts
         experts = sum(len(resolved.get(l, range(spec.n_experts))) for l in spec.moe_layers) / len(spec.moe_layers)
-        pruned_bytes = footprint(weights, spec, resolved).served_bytes
-        configs += [ServerConfig(mode, experts, Path(path), full_bytes if mode == "masked" else pruned_bytes)
-                    for mode in args.modes if mode != "full"]
+        pruned = footprint(weights, spec, resolved)
+        for mode in args.modes:
+            if mode != "full":
+                planned.append(ServerConfig(mode, experts, Path(path), (full if mode == "masked" else pruned).served_bytes))
+                served.append(full if mode == "masked" else pruned)
+    if not args.same_hardware:
+        return planned
+    config = load_config(model_path)
+    hardware = same_hardware(args, config)
+    configs = []
+    for plain, fp in zip(planned, served):
+        shape = smallest_shape(fp, config, spec, hardware)
+        configs.append(replace(plain, shape=shape, layout=SAME_HARDWARE))
+        if shape.replicas > 1:  # the part the replicas multiply: one of them, measured on its own
+            configs.append(replace(plain, shape=shape.alone(), layout=ALONE))
     return configs
+
+
+def same_hardware(args, config: dict) -> Hardware:
+    """--same-hardware's devices and their memory; the KV reserve defaults to what the sweep's longest setting
+    holds at its concurrency."""
+    memory = args.device_memory or (BENCH_MODELS[args.bench_model].device_memory if args.bench_model else "")
+    if not memory:
+        raise ValueError("--same-hardware needs --device-memory (e.g. 80GB, each device's memory for weights and KV)")
+    if args.same_memory_budget or args.max_total_tokens:
+        raise ValueError("--same-hardware sizes each shape's KV cache from --device-memory; drop --same-memory-budget "
+                         "and --max-total-tokens")
+    reserve = args.kv_reserve_tokens or args.concurrency * (scaled(max(args.inputs), args.scale)
+                                                            + scaled(max(args.outputs), args.scale))
+    kv_bytes = 4 if (config.get("torch_dtype") or config.get("dtype")) == "float32" else 2  # SGLang's auto: the model's
+    return Hardware(args.same_hardware, parse_bytes(memory), reserve, kv_bytes)
 
 
 def default_expert_counts(spec: MoESpec) -> list[int]:
@@ -160,15 +204,17 @@ def prepare_server(config: ServerConfig, model_path: Path, out_dir: Path) -> tup
     return Launch(pruned), None
 
 
-def run_sweep(args) -> Path:
+def run_sweep(args) -> Path | None:
     out_dir = Path(args.out_dir)
     model_path = Path(args.model_path) if args.model_path else build_bench_model(args.bench_model, out_dir)
     spec = spec_from_model_path(model_path)
-    configs = plan_configs(args, spec, model_path, out_dir)
-    if args.base_url and len(configs) != 1:
-        raise ValueError(f"--base-url measures the one server running there, but {len(configs)} configurations were "
-                         "asked for; give one --modes and at most one --experts or --mask-file: those it serves")
-    sweep_id, server_args = time.strftime("%Y%m%dT%H%M%S"), server_flags(args)
+    configs = measured_configs(args, plan_configs(args, spec, model_path, out_dir))
+    sweep_id, on_cpu = time.strftime("%Y%m%dT%H%M%S"), not gpu_available()
+    if args.dry_run:
+        for config in configs:
+            print(f"easyep: dry run: {config.label()}: {shlex.join(config_flags(args, config, on_cpu))}",
+                  file=sys.stderr)
+        return None
     settings = [(i, o, scaled(i, args.scale), scaled(o, args.scale)) for i in args.inputs for o in args.outputs]
     rows_path, skipped, launches = out_dir / "sweep.jsonl", [], {}
     for config in configs:
@@ -177,67 +223,113 @@ def run_sweep(args) -> Path:
             continue
         launches[config], reason = prepare_server(config, model_path, out_dir)
         if reason:
-            print(f"easyep: skipping {config.mode} with {config.experts:g} experts: {reason}", file=sys.stderr)
-            skipped.append(f"{config.mode} ({config.experts:g} experts): {reason}")
+            print(f"easyep: skipping {config.label()}: {reason}", file=sys.stderr)
+            skipped.append(f"{config.label()}: {reason}")
     for round_index in range(args.rounds):
         for config, launch in launches.items():
             if launch is None:
                 continue
-            reason = run_config(args, server_args, config, launch, model_path, settings, sweep_id, round_index, rows_path)
+            run = Run(args, config, launch, model_path, settings, sweep_id, round_index, rows_path)
+            reason = run.measure_remote() if args.base_url else run.serve_and_measure(on_cpu)
             if reason:
-                print(f"easyep: skipping {config.mode} with {config.experts:g} experts: {reason}", file=sys.stderr)
-                skipped.append(f"{config.mode} ({config.experts:g} experts, round {round_index}): {reason}")
+                print(f"easyep: skipping {config.label()}: {reason}", file=sys.stderr)
+                skipped.append(f"{config.label()}, round {round_index}: {reason}")
     return write_report(rows_path, sweep_id, skipped)
 
 
-def run_config(args, server_args: list[str], config: ServerConfig, launch: Launch, model_path: Path, settings,
-               sweep_id: str, round_index: int, rows_path: Path) -> str | None:
-    """Serve one configuration (or, with --base-url, measure the server there) and append a row per (input,
-    output) setting; the reason if it cannot start."""
-    if args.base_url:
-        measure_config(args, RunningServer(args.base_url), None, config, launch, model_path, settings, sweep_id,
-                       round_index, rows_path)
+def measured_configs(args, configs: list[ServerConfig]) -> list[ServerConfig]:
+    """All of them, or with --base-url the one its servers serve: with --same-hardware, as many URLs as the
+    configuration's replicas (or one URL: one replica alone)."""
+    if not args.base_url:
+        return configs
+    replicas = len(args.base_url)
+    matching = [c for c in configs if c.shape is None or c.shape.replicas == replicas]
+    if len(matching) != 1:
+        raise ValueError(f"--base-url measures the configuration its {replicas} server(s) serve, but "
+                         f"{len(matching)} planned configurations match ({', '.join(c.label() for c in configs)}); "
+                         "give one --modes and at most one --experts or --mask-file: those they serve")
+    return matching
+
+
+def config_flags(args, config: ServerConfig, on_cpu: bool) -> list[str]:
+    """The launcher flags of a configuration's server, beyond its model and mask."""
+    return server_flags(args) + (config.shape.server_flags(on_cpu) if config.shape else [])
+
+
+@dataclass(frozen=True)
+class Run:
+    """One configuration in one round: its server(s), and a row per (input, output) setting."""
+    args: argparse.Namespace
+    config: ServerConfig
+    launch: Launch
+    model_path: Path
+    settings: list[tuple[int, int, int, int]]
+    sweep_id: str
+    round_index: int
+    rows_path: Path
+
+    def measure_remote(self) -> None:
+        """Measure the servers at --base-url, started elsewhere (several: the configuration's replicas)."""
+        self.measure([served_at(url) for url in self.args.base_url], None)
+
+    def serve_and_measure(self, on_cpu: bool) -> str | None:
+        """Start the configuration's server, measure it, stop it; the reason if it cannot start."""
+        args, config = self.args, self.config
+        flags = [*self.launch.extra_args, *config_flags(args, config, on_cpu)]
+        env = {**omp_env(args.omp_threads), **(cpu_binding(config.shape) if config.shape and on_cpu else {})}
+        name = f"{self.sweep_id}-r{self.round_index}-{config.mode}-{config.experts:g}{'-alone' if config.layout == ALONE else ''}"
+        log = Path(args.out_dir) / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        server = LaunchedServer(self.launch.model_path, mask=self.launch.mask, extra_args=flags, log_path=log, env=env,
+                                startup_timeout=args.startup_timeout)
+        try:
+            server.start()
+        except (RuntimeError, TimeoutError) as err:
+            server.stop()
+            lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()] if log.exists() else []
+            said = next((l for l in reversed(lines) if l.startswith("easyep: error")), lines[-1] if lines else "")
+            return f"the server did not start ({err}); {said}"
+        try:
+            self.measure([server], flags)
+        finally:
+            server.stop()
         return None
-    log = Path(args.out_dir) / "logs" / f"{sweep_id}-r{round_index}-{config.mode}-{config.experts:g}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    server = LaunchedServer(launch.model_path, mask=launch.mask, extra_args=[*launch.extra_args, *server_args],
-                            log_path=log, env=omp_env(args.omp_threads), startup_timeout=args.startup_timeout)
-    try:
-        server.start()
-    except (RuntimeError, TimeoutError) as err:
-        server.stop()
-        lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()] if log.exists() else []
-        said = next((l for l in reversed(lines) if l.startswith("easyep: error")), lines[-1] if lines else "")
-        return f"the server did not start ({err}); {said}"
-    try:
-        measure_config(args, server, server_args, config, launch, model_path, settings, sweep_id, round_index,
-                       rows_path)
-    finally:
-        server.stop()
-    return None
 
+    def measure(self, servers: list, flags: list[str] | None) -> None:
+        """One bench_serving run and one row per setting; `flags` are those the sweep started the server with
+        (None: started elsewhere, --base-url)."""
+        args, config = self.args, self.config
+        for nominal_in, nominal_out, input_len, output_len in self.settings:
+            bench = BenchConfig(input_len, output_len, args.num_prompts or 2 * args.concurrency, args.concurrency)
+            print(f"easyep: {config.label()}, {input_len} in / {output_len} out", file=sys.stderr, flush=True)
+            result = bench_replicas(servers, self.launch.model_path, bench)
+            append_row(self.rows_path, {
+                "kind": "throughput-sweep", "sweep_id": self.sweep_id, "round": self.round_index, "mode": config.mode,
+                "experts": config.experts, "weight_bytes": config.weight_bytes,
+                "nominal_input_len": nominal_in, "nominal_output_len": nominal_out, "scale": args.scale,
+                "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
+                "num_prompts": bench.num_prompts, "memory_budget": self.memory_budget(flags),
+                "server_args": flags, "omp_threads": None if flags is None else args.omp_threads,
+                "servers": len(servers), **self.shape_facts(),
+                **provenance(servers[0].base_url, mask_path=config.mask_path, model_path=self.model_path),
+                **result,
+            })
 
-def measure_config(args, server, server_args: list[str] | None, config: ServerConfig, launch: Launch, model_path: Path,
-                   settings, sweep_id: str, round_index: int, rows_path: Path) -> None:
-    """One bench_serving run and one row per (input, output) setting against a serving server; `server_args` are
-    the flags the sweep started it with (None: started elsewhere, --base-url)."""
-    for nominal_in, nominal_out, input_len, output_len in settings:
-        bench = BenchConfig(input_len, output_len, args.num_prompts or 2 * args.concurrency, args.concurrency)
-        print(f"easyep: {config.mode}, {config.experts:g} experts, {input_len} in / {output_len} out",
-              file=sys.stderr, flush=True)
-        result = bench_server(server, launch.model_path, bench)
-        append_row(rows_path, {
-            "kind": "throughput-sweep", "sweep_id": sweep_id, "round": round_index, "mode": config.mode,
-            "experts": config.experts, "weight_bytes": config.weight_bytes,
-            "nominal_input_len": nominal_in, "nominal_output_len": nominal_out, "scale": args.scale,
-            "input_len": input_len, "output_len": output_len, "concurrency": bench.concurrency,
-            "num_prompts": bench.num_prompts,
-            "memory_budget": ("as started elsewhere" if server_args is None else
-                              "same-mem-fraction" if args.same_memory_budget else "fixed-kv-tokens"),
-            "server_args": server_args, "omp_threads": None if server_args is None else args.omp_threads,
-            **provenance(server.base_url, mask_path=config.mask_path, model_path=model_path),
-            **result,
-        })
+    def memory_budget(self, flags: list[str] | None) -> str:
+        if self.config.shape:
+            return SAME_HARDWARE
+        if flags is None:
+            return "as started elsewhere"
+        return "same-mem-fraction" if self.args.same_memory_budget else "fixed-kv-tokens"
+
+    def shape_facts(self) -> dict:
+        shape = self.config.shape
+        if shape is None:
+            return {}
+        return {"layout": self.config.layout, "devices": self.args.same_hardware, "device_memory": self.args.device_memory
+                or BENCH_MODELS[self.args.bench_model].device_memory, "shape_tp": shape.tp,
+                "shape_replicas": shape.replicas, "weights_per_device": shape.weights_per_device,
+                "planned_kv_tokens_per_replica": shape.kv_tokens}
 
 
 def server_flags(args) -> list[str]:
@@ -286,9 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "1 steadies CPU numbers on a shared host")
     parser.add_argument("--server-args", default="", help="more launcher/SGLang flags for every server, quoted")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for each server")
-    parser.add_argument("--base-url", help="measure the server already running at this loopback URL instead of "
-                        "starting one per configuration: give --model-path and the one --modes (and mask) it serves; "
-                        "a server that serves another mask stops the sweep")
+    parser.add_argument("--same-hardware", type=int, metavar="DEVICES",
+                        help="deploy every configuration on DEVICES devices in the smallest shape that fits: TP over "
+                        "the fewest devices, data-parallel replicas (--dp-size) over the rest; each replicated "
+                        "configuration is also measured as one replica alone. On a CPU a device is one core")
+    parser.add_argument("--device-memory", help="with --same-hardware: each device's memory for weights and KV cache, "
+                        "e.g. 80GB (default: the bench model's)")
+    parser.add_argument("--kv-reserve-tokens", type=int, help="with --same-hardware: KV tokens a replica must hold for "
+                        "its shape to fit (default: concurrency x the longest scaled input + output)")
+    parser.add_argument("--base-url", nargs="+", help="measure the server(s) already running at these URLs instead of "
+                        "starting one per configuration: give --model-path and the one --modes (and mask) they serve; "
+                        "several URLs are replicas, the requests split evenly over them. A server that serves "
+                        "another mask stops the sweep; memory and CPU are read for loopback servers only")
+    parser.add_argument("--dry-run", action="store_true", help="plan every configuration and print its server flags; "
+                        "start nothing")
     parser.add_argument("--out-dir", default="runs/sweep", help="sweep.jsonl (appended), sweep.md, sweep.png, logs")
     return parser
 
@@ -301,7 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     except (MaskError, ValueError, FileNotFoundError, RuntimeError, TimeoutError) as err:
         print(f"easyep: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(table_path.read_text())
+    if table_path:
+        print(table_path.read_text())
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 from pathlib import Path
 
+from bench import same_hardware_report
+from bench.sweep_cells import median, ratio_text, setting_label
 from easyep_sglang.fileio import atomic_write_bytes, atomic_write_text
 from easyep_sglang.report import read_rows
 
@@ -18,15 +19,6 @@ PAPER_NOTE = (
     "8xH800 node (192 experts or fewer) to compare them with the full model on two nodes. The numbers "
     "here are raw: one server per configuration, nothing doubled."
 )
-
-
-def _length(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
-def _setting_label(row: dict) -> str:
-    nominal = f"{_length(row['nominal_input_len'])} in / {_length(row['nominal_output_len'])} out"
-    return f"{nominal} ({row['input_len']}/{row['output_len']} tok)"
 
 
 def sweep_rows(rows: list[dict], sweep_id: str | None) -> list[dict]:
@@ -42,22 +34,18 @@ def speedup_grid(rows: list[dict], key: str = "output_throughput") -> tuple[list
 
     The ratio of a run is to the full model's run of the same round and setting (rows without a round
     are round 0), so with --rounds the drift of a shared host cancels pairwise; None without a full run."""
-    settings = list(dict.fromkeys(_setting_label(r) for r in rows))
+    settings = list(dict.fromkeys(setting_label(r) for r in rows))
     configs = list(dict.fromkeys((r["mode"], r["experts"]) for r in rows))
-    full = {(r.get("round", 0), _setting_label(r)): r.get(key) for r in rows if r["mode"] == "full"}
+    full = {(r.get("round", 0), setting_label(r)): r.get(key) for r in rows if r["mode"] == "full"}
     runs: dict[tuple, list[dict]] = {}
     for r in rows:
-        runs.setdefault((r["mode"], r["experts"], _setting_label(r)), []).append(r)
+        runs.setdefault((r["mode"], r["experts"], setting_label(r)), []).append(r)
     grid = {}
     for cell, cell_runs in runs.items():
         ratios = [r[key] / base for r in cell_runs
                   if r.get(key) and (base := full.get((r.get("round", 0), cell[2])))]
         grid[cell] = (cell_runs, median([r[key] for r in cell_runs if r.get(key)]), median(ratios))
     return settings, configs, grid
-
-
-def median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
 
 
 def ratio_summary(rows: list[dict]) -> list[str]:
@@ -84,13 +72,9 @@ def ratio_summary(rows: list[dict]) -> list[str]:
         pss = median([r["server_pss_bytes"] for r in config_rows])
         weights = config_rows[0].get("weight_bytes")
         freed = (full_pss - pss) / (full_weights - weights) if weights and full_weights and weights < full_weights else None
-        lines.append(f"| {mode} | {experts:g} | {_ratio(throughput)} | {_ratio(per_cpu)} | {pss / full_pss:.3f} | "
-                     f"{_ratio(weights / full_weights if weights and full_weights else None)} | {_ratio(freed)} |")
+        lines.append(f"| {mode} | {experts:g} | {ratio_text(throughput)} | {ratio_text(per_cpu)} | {pss / full_pss:.3f} | "
+                     f"{ratio_text(weights / full_weights if weights and full_weights else None)} | {ratio_text(freed)} |")
     return lines
-
-
-def _ratio(x: float | None) -> str:
-    return "—" if x is None else f"{x:.3f}"
 
 
 def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
@@ -171,8 +155,12 @@ def write_report(rows_path: str | Path, sweep_id: str | None = None, skipped: li
     if not rows:
         atomic_write_text(md_path, "No runs completed.\n" + "".join(f"- skipped {s}\n" for s in skipped))
         return md_path
-    atomic_write_text(md_path, markdown_table(rows, skipped))
-    atomic_write_bytes(png_path, plot_png(rows))
+    if rows[0].get("layout"):  # bench.sweep --same-hardware
+        table, png = same_hardware_report.markdown_table(rows, skipped), same_hardware_report.plot_png(rows)
+    else:
+        table, png = markdown_table(rows, skipped), plot_png(rows)
+    atomic_write_text(md_path, table)
+    atomic_write_bytes(png_path, png)
     return md_path
 
 

@@ -92,7 +92,7 @@ def test_sweep_reports_a_server_that_cannot_start(tiny, tmp_path, capsys):
           "--inputs", "16", "--outputs", "8", "--out-dir", str(out)])
     assert not (out / "sweep.jsonl").exists()
     table = (out / "sweep.md").read_text()
-    assert "full (16 experts, round 0): the server did not start (server exited with 2 during startup" in table
+    assert "full with 16 experts, round 0: the server did not start (server exited with 2 during startup" in table
     assert "easyep: error: --prune needs --mask" in table  # the launcher got the sweep's --server-args
 
 

@@ -1,0 +1,22 @@
+"""What both sweep reports (bench.sweep_report, bench.same_hardware_report) label and aggregate alike."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def length_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def setting_label(row: dict) -> str:
+    nominal = f"{length_label(row['nominal_input_len'])} in / {length_label(row['nominal_output_len'])} out"
+    return f"{nominal} ({row['input_len']}/{row['output_len']} tok)"
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def ratio_text(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
