@@ -209,7 +209,7 @@ def run_sweep(args) -> Path | None:
     model_path = Path(args.model_path) if args.model_path else build_bench_model(args.bench_model, out_dir)
     spec = spec_from_model_path(model_path)
     configs = measured_configs(args, plan_configs(args, spec, model_path, out_dir))
-    sweep_id, on_cpu = time.strftime("%Y%m%dT%H%M%S"), not gpu_available()
+    sweep_id, on_cpu = args.sweep_id or time.strftime("%Y%m%dT%H%M%S"), not gpu_available()
     if args.dry_run:
         for config in configs:
             print(f"easyep: dry run: {config.label()}: {shlex.join(config_flags(args, config, on_cpu))}",
@@ -225,7 +225,7 @@ def run_sweep(args) -> Path | None:
         if reason:
             print(f"easyep: skipping {config.label()}: {reason}", file=sys.stderr)
             skipped.append(f"{config.label()}: {reason}")
-    for round_index in range(args.rounds):
+    for round_index in range(args.first_round, args.first_round + args.rounds):
         for config, launch in launches.items():
             if launch is None:
                 continue
@@ -390,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "starting one per configuration: give --model-path and the one --modes (and mask) they serve; "
                         "several URLs are replicas, the requests split evenly over them. A server that serves "
                         "another mask stops the sweep; memory and CPU are read for loopback servers only")
+    parser.add_argument("--sweep-id", help="append the rows to this sweep (default: a new one, named by the time); "
+                        "with --base-url, measurements of one sweep made one configuration at a time pair by round")
+    parser.add_argument("--first-round", type=int, default=0, help="the index of the first round (default: 0)")
     parser.add_argument("--dry-run", action="store_true", help="plan every configuration and print its server flags; "
                         "start nothing")
     parser.add_argument("--out-dir", default="runs/sweep", help="sweep.jsonl (appended), sweep.md, sweep.png, logs")

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from easyep_sglang.mask import ExpertMask
+from easyep_sglang.plan import footprint
+from easyep_sglang.plan_shapes import checkpoint_weights
+from easyep_sglang.spec import spec_from_model_path
+
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
-GPU_SCRIPTS = ("deepseek_r1_8xh200.sh", "deepseek_r1_8xh100.sh", "qwen3_30b_a3b_1gpu.sh")
+GPU_SCRIPTS = ("deepseek_r1_8xh200.sh", "deepseek_r1_8xh100.sh", "qwen3_30b_a3b_1gpu.sh", "deepseek_r1_same_hardware.sh")
 
 
 @pytest.mark.parametrize("script", GPU_SCRIPTS + ("cpu_demo.sh",))
@@ -55,6 +60,38 @@ def test_gpu_recipe_passes_every_check_on_a_tiny_model_of_its_architecture(scrip
            f"--tp-size {tp} " in proc.stderr
     checked = "pruned checkpoint (plugin-only in stock engines)" if mode == "pruned" else "experts kept"
     assert checked in proc.stderr
+
+
+def test_same_hardware_recipe_validates_every_step_on_a_tiny_model(model_store, tmp_path):
+    """launch/deepseek_r1_same_hardware.sh with --dry-run appended to each step, on a tiny DeepSeek-V3 whose GPU
+    memory is set so that, as R1 on 80 GB GPUs, the full model needs 16 of them and the pruned one 8: the plan gives
+    each configuration its shape, each bench step measures the configuration its URLs serve, and each serve step
+    passes the launcher's checks and SGLang's parser."""
+    model, mask = model_store.model("deepseek_v3/fp32"), model_store.mask("deepseek_v3/whole")
+    spec, weights = spec_from_model_path(model), checkpoint_weights(model)
+    full = footprint(weights, spec, {}).served_bytes
+    pruned = footprint(weights, spec, ExpertMask.load(mask).resolve(spec)).served_bytes
+    env = {"PATH": os.environ["PATH"], "PYTHON": sys.executable, "MODEL": str(model), "MASK": str(mask),
+           "PRUNED": str(tmp_path / "pruned"), "OUT": str(tmp_path / "out"), "HEAD": "127.0.0.1", "NODE1": "127.0.0.2",
+           "NODE_RANK": "0", "GPU_MEM": f"{(full + pruned) / 16 / 1e6}MB"}  # between pruned/8 and full/8
+
+    def step(*argv: str) -> str:
+        proc = subprocess.run(["bash", str(LAUNCH / "deepseek_r1_same_hardware.sh"), *argv], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stderr
+
+    planned = re.findall(r"dry run: (.*?):", step("plan", "--kv-reserve-tokens", "1"))
+    assert planned == ["full with 16 experts, TP=16 x 1 replica", "prune_offline with 8 experts, TP=8 x 2 replicas",
+                       "prune_offline with 8 experts, TP=8 x 1 replica alone"]
+    for bench, measured in zip(("bench-full", "bench-pruned", "bench-alone"), planned):
+        assert re.findall(r"dry run: (.*?):", step(bench, "--kv-reserve-tokens", "1", "--dry-run")) == [measured]
+    for serve, command in (("serve-full", f"--model-path {model} --tp-size 16 --device cuda --nnodes 2 --node-rank 0 "
+                                          "--dist-init-addr 127.0.0.1:5000"),
+                           ("serve-pruned", f"--model-path {tmp_path / 'pruned'} --tp-size 8 --device cuda")):
+        said = step(serve, "--dry-run", "--device", "cuda")
+        assert "easyep: dry run: every check passed" in said and command in said, said[-2000:]
+    assert not (tmp_path / "out" / "sweep.jsonl").exists()
 
 
 def deployment_table(readme: Path) -> list[str]:
