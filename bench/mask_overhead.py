@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.serving import BenchConfig, bench_server, omp_env, sigterm_unwinds
-from bench.sweep import first_experts_mask
+from bench.sweep_plan import first_experts_mask
 from easyep_sglang.report import append_row, provenance
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.spec import spec_from_model_path

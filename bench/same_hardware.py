@@ -1,8 +1,9 @@
 """Deployment shapes for `bench.sweep --same-hardware`: every configuration on the full model's devices.
 
 A configuration runs in the smallest shape that holds its weights plus a KV reserve: TP over the fewest
-devices that fit (easyep_sglang.plan's memory model), and the rest of the devices as data-parallel replicas
-(SGLang's --dp-size). On a CPU a "device" is one core, bound through SGLANG_CPU_OMP_THREADS_BIND, and its
+devices that fit (easyep_sglang.plan's memory model), and the rest of the devices as data-parallel replicas:
+one server per replica, dealt the requests in turn (as launch/deepseek_r1_same_hardware.sh serves one per node),
+or one server with SGLang's --dp-size. On a CPU a "device" is one core, bound through SGLANG_CPU_OMP_THREADS_BIND, and its
 memory is a budget the plan divides: the KV tokens left are passed as --max-total-tokens, so each shape holds
 the KV cache its devices would. On a GPU the device memory is real and SGLang sizes the KV cache itself.
 """
@@ -47,9 +48,30 @@ class Shape:
     def describe(self) -> str:
         return f"TP={self.tp} x {self.replicas} replica{'s' if self.replicas > 1 else ''}"
 
-    def server_flags(self, on_cpu: bool) -> list[str]:
-        flags = ["--tp-size", str(self.tp), "--dp-size", str(self.replicas)]
-        return flags + (["--max-total-tokens", str(self.kv_tokens)] if on_cpu else [])
+
+@dataclass(frozen=True)
+class Deployment:
+    """One server of a shape: its launcher flags and the environment that binds its ranks on a CPU."""
+    flags: list[str]
+    env: dict[str, str]
+
+
+def deployments(shape: Shape, on_cpu: bool, as_servers: bool) -> list[Deployment]:
+    """The servers that serve a shape: one per replica (as_servers, dealt requests by bench.serving.bench_replicas),
+    or one with SGLang's --dp-size. On a CPU each rank is bound to one core of this process's, in order, and the KV
+    tokens the shape's devices leave are passed as --max-total-tokens; a GPU sizes its own KV cache."""
+    servers, dp_size = (shape.replicas, 1) if as_servers else (1, shape.replicas)
+    cores = sorted(os.sched_getaffinity(0))
+    if on_cpu and len(cores) < shape.devices:
+        raise ValueError(f"{shape.describe()} needs {shape.devices} CPU cores (one per device), this process has "
+                         f"{len(cores)}; lower --same-hardware")
+    flags = ["--tp-size", str(shape.tp), "--dp-size", str(dp_size)]
+    if not on_cpu:
+        return [Deployment(flags, {})] * servers
+    per_server = shape.tp * dp_size
+    return [Deployment(flags + ["--max-total-tokens", str(shape.kv_tokens)],
+                       {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(map(str, cores[i * per_server:(i + 1) * per_server]))})
+            for i in range(servers)]
 
 
 def smallest_shape(fp: Footprint, config: dict, spec: MoESpec, hardware: Hardware) -> Shape:
@@ -66,12 +88,3 @@ def smallest_shape(fp: Footprint, config: dict, spec: MoESpec, hardware: Hardwar
     raise ValueError(f"{human(fp.served_bytes)} of weights plus {hardware.kv_reserve_tokens:,} KV tokens do not fit "
                      f"{hardware.devices} devices of {human(hardware.device_memory)}; raise --device-memory or "
                      "--same-hardware")
-
-
-def cpu_binding(shape: Shape) -> dict[str, str]:
-    """Server environment binding each of the shape's ranks to one core of this process's, in rank order."""
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < shape.devices:
-        raise ValueError(f"{shape.describe()} needs {shape.devices} CPU cores (one per device), this process has "
-                         f"{len(cores)}; lower --same-hardware")
-    return {"SGLANG_CPU_OMP_THREADS_BIND": "|".join(str(core) for core in cores[:shape.devices])}

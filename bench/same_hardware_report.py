@@ -57,11 +57,15 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
     ]
     for config in configs:
         config_rows = [r for r in rows if (r["mode"], r["experts"], r["layout"]) == config]
-        shape = f"TP={config_rows[0]['shape_tp']} x {config_rows[0]['shape_replicas']}"
-        shape += " (one replica alone)" if config[2] == ALONE else ""
+        first = config_rows[0]
+        shape = f"TP={first['shape_tp']} x {first['shape_replicas']}"
+        if config[2] == ALONE:
+            shape += " (one replica alone)"
+        elif first["shape_replicas"] > 1:
+            shape += f" ({first['servers']} servers)" if first["servers"] > 1 else f" (--dp-size {first['shape_replicas']})"
         kv = median([r["max_total_num_tokens"] for r in config_rows if r.get("max_total_num_tokens")])
         row_cells = [_cell(*cells[(config, s)]) if (config, s) in cells else "—" for s in settings]
-        lines.append(f"| {config[0]} | {config[1]:g} | {shape} | {human(config_rows[0]['weights_per_device'])} | "
+        lines.append(f"| {config[0]} | {config[1]:g} | {shape} | {human(first['weights_per_device'])} | "
                      f"{kv if kv is None else f'{kv:,.0f}'} | " + " | ".join(row_cells) + " |")
     lines += parts_lines(rows, settings, configs, cells)
     if skipped:

@@ -22,10 +22,11 @@ model of the same round and setting, then the median over rounds. Each row recor
 bytes (from the safetensors headers), so the memory ratio can be read against the ideal weight ratio.
 
 --same-hardware DEVICES deploys every configuration on the same DEVICES devices of --device-memory each, in
-the smallest shape that holds its weights plus a KV reserve (bench.same_hardware): the full model with TP
-over the devices it needs, a pruned model that fits fewer as SGLang data-parallel replicas (--dp-size). A
-replicated configuration is also measured as one replica alone on its own devices, the part the replicas
-multiply. On a CPU a device is one core. The report (bench.same_hardware_report) gives the speedup on the
+the smallest shape that holds its weights plus a KV reserve (bench.same_hardware, planned in bench.sweep_plan):
+the full model with TP over the devices it needs, a pruned model that fits fewer as data-parallel replicas, one
+server each, dealt the requests in turn (--replicas-as dp: one server with SGLang's --dp-size). A replicated
+configuration is also measured as one replica alone on its own devices, the part the replicas multiply. On a
+CPU a device is one core. The report (bench.same_hardware_report) gives the speedup on the
 same devices with its spread over rounds, and its parts.
 """
 
@@ -36,150 +37,21 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.same_hardware import ALONE, SAME_HARDWARE, Hardware, Shape, cpu_binding, smallest_shape
+from bench.same_hardware import ALONE, SAME_HARDWARE, Deployment, deployments
 from bench.serving import BenchConfig, bench_replicas, omp_env, served_at, sigterm_unwinds
+from bench.sweep_plan import (BENCH_MODELS, MODES, Launch, ServerConfig, build_bench_model, measured_configs,
+                              plan_configs, scaled)
 from bench.sweep_report import write_report
-from easyep_sglang.mask import ExpertMask, MaskError
-from easyep_sglang.plan import footprint, parse_bytes
-from easyep_sglang.plan_shapes import checkpoint_weights
+from easyep_sglang.mask import MaskError
 from easyep_sglang.report import append_row, provenance
 from easyep_sglang.server_process import LaunchedServer
 from easyep_sglang.sglang_plugin.server_env import gpu_available
-from easyep_sglang.spec import MoESpec, load_config, spec_from_model_path
+from easyep_sglang.spec import spec_from_model_path
 
-MODES = ("full", "masked", "prune_load", "prune_offline")
 NO_TOKEN_CAP = "1000000000"  # lifts the launcher's CPU --max-total-tokens cap: the memory fraction decides
-
-
-@dataclass(frozen=True)
-class BenchModel:
-    arch: str
-    overrides: dict
-    mem_fraction_static: float  # enough on a CPU host for weights plus the KV cache
-    device_memory: str = ""  # --same-hardware's default: the full model needs TP=2, half its experts fit one device
-
-
-# Random-weight DeepSeek-V3 checkpoints from easyep_sglang.demo_model. "expert-dominated" puts ~99% of
-# its ~1.2 GB in routed experts (4 MoE layers x 128 experts x 3 x 512 x 768 bf16), so the memory a
-# pruned checkpoint frees, and the bytes a decode step reads, are visible on a CPU.
-BENCH_MODELS = {
-    "tiny": BenchModel("deepseek_v3", {}, 0.2),
-    "expert-dominated": BenchModel("deepseek_v3", dict(
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=5, first_k_dense_replace=1,
-        n_routed_experts=128, moe_intermediate_size=768, num_experts_per_tok=8, n_group=8, topk_group=4,
-        num_attention_heads=8, num_key_value_heads=8,
-    ), 0.3, "1GB"),
-}
-
-
-@dataclass(frozen=True)
-class Launch:
-    model_path: Path
-    mask: Path | None = None
-    extra_args: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    mode: str
-    experts: float  # routed experts kept per MoE layer (mean over layers)
-    mask_path: Path | None
-    weight_bytes: int  # served by this configuration: the full checkpoint unless pruned
-    shape: Shape | None = None  # with --same-hardware: how its server is deployed
-    layout: str | None = None  # with --same-hardware: SAME_HARDWARE, or ALONE (one replica, its own devices)
-
-    def label(self) -> str:
-        shape = f", {self.shape.describe()}{' alone' if self.layout == ALONE else ''}" if self.shape else ""
-        return f"{self.mode} with {self.experts:g} experts{shape}"
-
-
-def first_experts_mask(spec: MoESpec, keep: int) -> ExpertMask:
-    """Keep `keep` experts per MoE layer: the first ids of each group, spread evenly (group g keeps
-    keep // n_group, the first keep % n_group groups one more), so group-limited routing still reaches
-    top_k kept experts. Raises MaskError (from ExpertMask.resolve) when no spread can."""
-    if not spec.top_k <= keep <= spec.n_experts:
-        raise MaskError(f"cannot keep {keep} experts: choose between top_k={spec.top_k} and {spec.n_experts}")
-    base, extra = divmod(keep, spec.n_group)
-    ids = [g * spec.group_size + i for g in range(spec.n_group) for i in range(base + (g < extra))]
-    mask = ExpertMask.for_spec(spec, {layer: ids for layer in spec.moe_layers}, method=f"first-{keep}-per-layer",
-                               provenance={"builder": "bench.sweep.first_experts_mask"})
-    mask.resolve(spec)
-    return mask
-
-
-def build_bench_model(name: str, out_dir: Path) -> Path:
-    from easyep_sglang.demo_model import build_tiny_model
-
-    model = BENCH_MODELS[name]
-    path = out_dir / "models" / name
-    if not (path / "config.json").is_file():
-        print(f"easyep: building the {name} bench model in {path}", file=sys.stderr, flush=True)
-        build_tiny_model(model.arch, path, force=True, **model.overrides)
-    return path
-
-
-def plan_configs(args, spec: MoESpec, model_path: Path, out_dir: Path) -> list[ServerConfig]:
-    masks = [ExpertMask.load(p) for p in args.mask_file]
-    paths = list(args.mask_file)
-    for keep in args.experts or ([] if masks else default_expert_counts(spec)):
-        mask = first_experts_mask(spec, keep)
-        path = out_dir / "masks" / f"first-{keep}.json"
-        mask.save(path)
-        masks.append(mask)
-        paths.append(path)
-    weights = checkpoint_weights(model_path)
-    full = footprint(weights, spec, {})
-    planned = [ServerConfig("full", spec.n_experts, None, full.served_bytes)] if "full" in args.modes else []
-    served = [full] * len(planned)
-    for mask, path in zip(masks, paths):
-        resolved = mask.resolve(spec)  # every mask is checked before the first server starts
-        experts = sum(len(resolved.get(l, range(spec.n_experts))) for l in spec.moe_layers) / len(spec.moe_layers)
-        pruned = footprint(weights, spec, resolved)
-        for mode in args.modes:
-            if mode != "full":
-                planned.append(ServerConfig(mode, experts, Path(path), (full if mode == "masked" else pruned).served_bytes))
-                served.append(full if mode == "masked" else pruned)
-    if not args.same_hardware:
-        return planned
-    config = load_config(model_path)
-    hardware = same_hardware(args, config)
-    configs = []
-    for plain, fp in zip(planned, served):
-        shape = smallest_shape(fp, config, spec, hardware)
-        configs.append(replace(plain, shape=shape, layout=SAME_HARDWARE))
-        if shape.replicas > 1:  # the part the replicas multiply: one of them, measured on its own
-            configs.append(replace(plain, shape=shape.alone(), layout=ALONE))
-    return configs
-
-
-def same_hardware(args, config: dict) -> Hardware:
-    """--same-hardware's devices and their memory; the KV reserve defaults to what the sweep's longest setting
-    holds at its concurrency."""
-    memory = args.device_memory or (BENCH_MODELS[args.bench_model].device_memory if args.bench_model else "")
-    if not memory:
-        raise ValueError("--same-hardware needs --device-memory (e.g. 80GB, each device's memory for weights and KV)")
-    if args.same_memory_budget or args.max_total_tokens:
-        raise ValueError("--same-hardware sizes each shape's KV cache from --device-memory; drop --same-memory-budget "
-                         "and --max-total-tokens")
-    reserve = args.kv_reserve_tokens or args.concurrency * (scaled(max(args.inputs), args.scale)
-                                                            + scaled(max(args.outputs), args.scale))
-    kv_bytes = 4 if (config.get("torch_dtype") or config.get("dtype")) == "float32" else 2  # SGLang's auto: the model's
-    return Hardware(args.same_hardware, parse_bytes(memory), reserve, kv_bytes)
-
-
-def default_expert_counts(spec: MoESpec) -> list[int]:
-    """The paper's 1/2 and 1/4 of the experts (128 and 64 of 256), where routing allows it."""
-    counts = []
-    for keep in (spec.n_experts // 2, spec.n_experts // 4):
-        try:
-            first_experts_mask(spec, keep)
-            counts.append(keep)
-        except MaskError:
-            continue
-    return counts
 
 
 def prepare_server(config: ServerConfig, model_path: Path, out_dir: Path) -> tuple[Launch | None, str | None]:
@@ -212,8 +84,10 @@ def run_sweep(args) -> Path | None:
     sweep_id, on_cpu = args.sweep_id or time.strftime("%Y%m%dT%H%M%S"), not gpu_available()
     if args.dry_run:
         for config in configs:
-            print(f"easyep: dry run: {config.label()}: {shlex.join(config_flags(args, config, on_cpu))}",
-                  file=sys.stderr)
+            for server in config_deployments(args, config, on_cpu):
+                bound = " ".join(f"{key}={value}" for key, value in server.env.items())
+                print(f"easyep: dry run: {config.label()}: {shlex.join(server.flags)}{f' ({bound})' if bound else ''}",
+                      file=sys.stderr)
         return None
     settings = [(i, o, scaled(i, args.scale), scaled(o, args.scale)) for i in args.inputs for o in args.outputs]
     rows_path, skipped, launches = out_dir / "sweep.jsonl", [], {}
@@ -237,23 +111,12 @@ def run_sweep(args) -> Path | None:
     return write_report(rows_path, sweep_id, skipped)
 
 
-def measured_configs(args, configs: list[ServerConfig]) -> list[ServerConfig]:
-    """All of them, or with --base-url the one its servers serve: with --same-hardware, as many URLs as the
-    configuration's replicas (or one URL: one replica alone)."""
-    if not args.base_url:
-        return configs
-    replicas = len(args.base_url)
-    matching = [c for c in configs if c.shape is None or c.shape.replicas == replicas]
-    if len(matching) != 1:
-        raise ValueError(f"--base-url measures the configuration its {replicas} server(s) serve, but "
-                         f"{len(matching)} planned configurations match ({', '.join(c.label() for c in configs)}); "
-                         "give one --modes and at most one --experts or --mask-file: those they serve")
-    return matching
-
-
-def config_flags(args, config: ServerConfig, on_cpu: bool) -> list[str]:
-    """The launcher flags of a configuration's server, beyond its model and mask."""
-    return server_flags(args) + (config.shape.server_flags(on_cpu) if config.shape else [])
+def config_deployments(args, config: ServerConfig, on_cpu: bool) -> list[Deployment]:
+    """The servers of a configuration: the sweep's flags for each, then those of its shape (beyond model and mask)."""
+    if not config.shape:
+        return [Deployment(server_flags(args), {})]
+    return [Deployment(server_flags(args) + server.flags, server.env)
+            for server in deployments(config.shape, on_cpu, as_servers=args.replicas_as == "servers")]
 
 
 @dataclass(frozen=True)
@@ -273,26 +136,35 @@ class Run:
         self.measure([served_at(url) for url in self.args.base_url], None)
 
     def serve_and_measure(self, on_cpu: bool) -> str | None:
-        """Start the configuration's server, measure it, stop it; the reason if it cannot start."""
+        """Start the configuration's server(s), measure them, stop them; the reason if they cannot start."""
         args, config = self.args, self.config
-        flags = [*self.launch.extra_args, *config_flags(args, config, on_cpu)]
-        env = {**omp_env(args.omp_threads), **(cpu_binding(config.shape) if config.shape and on_cpu else {})}
         name = f"{self.sweep_id}-r{self.round_index}-{config.mode}-{config.experts:g}{'-alone' if config.layout == ALONE else ''}"
-        log = Path(args.out_dir) / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        server = LaunchedServer(self.launch.model_path, mask=self.launch.mask, extra_args=flags, log_path=log, env=env,
-                                startup_timeout=args.startup_timeout)
+        planned = config_deployments(args, config, on_cpu)
+        servers = []
+        for index, server in enumerate(planned):
+            log = Path(args.out_dir) / "logs" / f"{name}{f'-s{index}' if len(planned) > 1 else ''}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            servers.append(LaunchedServer(self.launch.model_path, mask=self.launch.mask, log_path=log,
+                                          extra_args=[*self.launch.extra_args, *server.flags],
+                                          env={**omp_env(args.omp_threads), **server.env},
+                                          startup_timeout=args.startup_timeout))
         try:
-            server.start()
+            for server in servers:
+                server.spawn()
+            for server in servers:
+                server.wait_until_healthy()
         except (RuntimeError, TimeoutError) as err:
-            server.stop()
-            lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()] if log.exists() else []
+            for server in servers:
+                server.stop()
+            lines = [l for s in servers if s.log_path.exists() for l in s.log_path.read_text(errors="replace").splitlines()
+                     if l.strip()]
             said = next((l for l in reversed(lines) if l.startswith("easyep: error")), lines[-1] if lines else "")
             return f"the server did not start ({err}); {said}"
         try:
-            self.measure([server], flags)
+            self.measure(servers, [*self.launch.extra_args, *planned[0].flags])
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
         return None
 
     def measure(self, servers: list, flags: list[str] | None) -> None:
@@ -328,7 +200,8 @@ class Run:
             return {}
         return {"layout": self.config.layout, "devices": self.args.same_hardware, "device_memory": self.args.device_memory
                 or BENCH_MODELS[self.args.bench_model].device_memory, "shape_tp": shape.tp,
-                "shape_replicas": shape.replicas, "weights_per_device": shape.weights_per_device,
+                "shape_replicas": shape.replicas, "replicas_as": self.args.replicas_as if shape.replicas > 1 else None,
+                "weights_per_device": shape.weights_per_device,
                 "planned_kv_tokens_per_replica": shape.kv_tokens}
 
 
@@ -344,10 +217,6 @@ def server_flags(args) -> list[str]:
     elif args.max_total_tokens:
         flags += ["--max-total-tokens", str(args.max_total_tokens)]
     return flags + shlex.split(args.server_args)
-
-
-def scaled(length: int, scale: float) -> int:
-    return max(1, round(length * scale))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "configuration is also measured as one replica alone. On a CPU a device is one core")
     parser.add_argument("--device-memory", help="with --same-hardware: each device's memory for weights and KV cache, "
                         "e.g. 80GB (default: the bench model's)")
+    parser.add_argument("--replicas-as", choices=("servers", "dp"), default="servers",
+                        help="with --same-hardware: serve replicas as one server each, dealt the requests in turn "
+                        "(default; as the GPU recipe serves one per node), or as one server with SGLang's --dp-size")
     parser.add_argument("--kv-reserve-tokens", type=int, help="with --same-hardware: KV tokens a replica must hold for "
                         "its shape to fit (default: concurrency x the longest scaled input + output)")
     parser.add_argument("--base-url", nargs="+", help="measure the server(s) already running at these URLs instead of "

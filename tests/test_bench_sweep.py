@@ -3,7 +3,8 @@ weight bytes it serves; what a pruned configuration's row records; the report ov
 
 import pytest
 
-from bench.sweep import MODES, Launch, ServerConfig, build_parser, first_experts_mask, main, plan_configs, prepare_server
+from bench.sweep import build_parser, main, prepare_server
+from bench.sweep_plan import MODES, Launch, ServerConfig, first_experts_mask, plan_configs
 from bench.serving import RunningServer, server_pss_bytes
 from easyep_sglang.mask import ExpertMask, MaskError
 from easyep_sglang.report import provenance, read_rows

@@ -6,14 +6,16 @@ import re
 
 import pytest
 
-from bench.same_hardware import ALONE, SAME_HARDWARE, Shape, cpu_binding
+from bench.same_hardware import ALONE, SAME_HARDWARE, Deployment, Shape, deployments
 from bench.serving import BenchConfig, bench_replicas
-from bench.sweep import build_parser, main, measured_configs, plan_configs
+from bench.sweep import build_parser, main
+from bench.sweep_plan import measured_configs, plan_configs
 from bench.sweep_report import write_report
 from easyep_sglang.report import append_row, read_rows
 from easyep_sglang.spec import load_config, spec_from_model_path
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+BIND = "SGLANG_CPU_OMP_THREADS_BIND"
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +53,14 @@ def test_the_full_model_spans_both_devices_and_the_pruned_one_is_replicated(tiny
     assert full.shape.weights_per_device == -(-full.weight_bytes // 2)
     assert full.shape.kv_tokens == (memory - full.shape.weights_per_device) // per_token
     assert replicated.shape.kv_tokens == alone.shape.kv_tokens == (memory - replicated.weight_bytes) // per_token
-    assert replicated.shape.server_flags(on_cpu=True) == ["--tp-size", "1", "--dp-size", "2", "--max-total-tokens",
-                                                          str(replicated.shape.kv_tokens)]
-    assert full.shape.server_flags(on_cpu=False) == ["--tp-size", "2", "--dp-size", "1"]  # a GPU sizes its own KV
+    kv = ["--max-total-tokens", str(replicated.shape.kv_tokens)]
+    assert deployments(replicated.shape, on_cpu=True, as_servers=False) == [
+        Deployment(["--tp-size", "1", "--dp-size", "2", *kv], {BIND: "0|1"})]
+    assert deployments(replicated.shape, on_cpu=True, as_servers=True) == [
+        Deployment(["--tp-size", "1", "--dp-size", "1", *kv], {BIND: "0"}),
+        Deployment(["--tp-size", "1", "--dp-size", "1", *kv], {BIND: "1"})]
+    assert deployments(full.shape, on_cpu=False, as_servers=True) == [  # a GPU sizes its own KV cache
+        Deployment(["--tp-size", "2", "--dp-size", "1"], {})]
 
 
 def test_the_kv_reserve_decides_the_shape_and_too_little_memory_is_refused(tiny, tmp_path):
@@ -73,10 +80,10 @@ def test_the_kv_reserve_decides_the_shape_and_too_little_memory_is_refused(tiny,
 
 
 def test_each_rank_is_bound_to_one_core():
-    assert cpu_binding(Shape(2, 1, 0, 0))["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1"
-    assert cpu_binding(Shape(1, 1, 0, 0))["SGLANG_CPU_OMP_THREADS_BIND"] == "0"
+    assert deployments(Shape(2, 1, 0, 0), on_cpu=True, as_servers=True)[0].env == {BIND: "0|1"}
+    assert deployments(Shape(1, 1, 0, 0), on_cpu=True, as_servers=False)[0].env == {BIND: "0"}
     with pytest.raises(ValueError, match="needs 64 CPU cores .* lower --same-hardware"):
-        cpu_binding(Shape(2, 32, 0, 0))
+        deployments(Shape(2, 32, 0, 0), on_cpu=True, as_servers=True)
 
 
 def test_base_urls_pick_the_configuration_their_replicas_serve(tiny, tmp_path):
@@ -97,28 +104,31 @@ def test_the_dry_run_prints_each_servers_flags_and_starts_nothing(tiny, tmp_path
           "--dry-run"])
     said = capsys.readouterr().err
     assert re.search(r"dry run: full with 16 experts, TP=2 x 1 replica: .*--tp-size 2 --dp-size 1 --max-total-tokens", said)
-    assert re.search(r"dry run: prune_offline with 8 experts, TP=1 x 2 replicas: .*--tp-size 1 --dp-size 2 ", said)
+    replicas = re.findall(r"dry run: prune_offline with 8 experts, TP=1 x 2 replicas: .*--tp-size 1 --dp-size 1 "
+                          r"--max-total-tokens \d+ \(SGLANG_CPU_OMP_THREADS_BIND=(\d)\)", said)
+    assert replicas == ["0", "1"]  # one server per replica (--replicas-as servers, the default), a core each
     assert "dry run: prune_offline with 8 experts, TP=1 x 1 replica alone: " in said
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["masks"]  # no rows, no logs, no pruned copy
 
 
 def test_shapes_are_served_as_planned(tiny, tmp_path):
-    """The sweep's own servers: the replicated shape (--dp-size 2) and one replica alone, each rank on its core and
+    """The sweep's own servers: the replicated shape (two servers) and one replica alone, each rank on its core and
     with the KV tokens its device memory leaves; a row per setting with the shape it ran in."""
     memory, out = device_memory_between(tiny, tmp_path), tmp_path / "sweep"
     main(["--model-path", str(tiny), "--experts", "8", "--modes", "prune_offline", "--same-hardware", "2",
           "--device-memory", f"{memory / 1e6}MB", "--kv-reserve-tokens", "64", "--inputs", "16", "--outputs", "8",
           "--concurrency", "2", "--num-prompts", "4", "--out-dir", str(out)])
     rows = read_rows(out / "sweep.jsonl")
-    assert [(r["layout"], r["shape_tp"], r["shape_replicas"], r["completed"]) for r in rows] == [
-        (SAME_HARDWARE, 1, 2, 4), (ALONE, 1, 1, 4)]
+    assert [(r["layout"], r["shape_tp"], r["shape_replicas"], r["servers"], r["completed"]) for r in rows] == [
+        (SAME_HARDWARE, 1, 2, 2, 4), (ALONE, 1, 1, 1, 4)]
     for row in rows:
         assert row["max_total_num_tokens"] == row["planned_kv_tokens_per_replica"] > 64  # SGLang took the plan's KV
         assert row["memory_budget"] == SAME_HARDWARE and row["devices"] == 2
-    bindings = {log.name.endswith("-alone.log"): re.findall(r"(DP\d)?\] init_threads_binding: .*local_omp_cpuid=(\S+)",
-                                                            log.read_text()) for log in (out / "logs").iterdir()}
-    assert sorted(bindings[False]) == [("DP0", "0"), ("DP1", "1")] and bindings[True] == [("", "0")]
-    assert "| prune_offline | 8 | TP=1 x 2 |" in (out / "sweep.md").read_text()
+    assert [r["completed"] for r in rows[0]["replicas"]] == [2, 2]  # the requests dealt evenly over the two servers
+    bindings = {log.name.rsplit("-", 1)[1]: re.findall(r"init_threads_binding: .*local_omp_cpuid=(\S+)", log.read_text())
+                for log in (out / "logs").iterdir()}
+    assert bindings == {"s0.log": ["0"], "s1.log": ["1"], "alone.log": ["0"]}
+    assert "| prune_offline | 8 | TP=1 x 2 (2 servers) |" in (out / "sweep.md").read_text()
 
 
 @pytest.mark.servers("plain:deepseek_v3/fp32")
@@ -147,11 +157,12 @@ def test_report_gives_the_speedup_its_spread_and_its_parts(tmp_path):
         for round_index, throughput in enumerate(throughputs):
             append_row(tmp_path / "sweep.jsonl", {**base, "round": round_index, "mode": mode, "experts": experts,
                                                   "layout": layout, "shape_tp": tp, "shape_replicas": replicas,
+                                                  "servers": 1 if layout == ALONE else replicas,
                                                   "max_total_num_tokens": kv, "output_throughput": throughput})
     table = write_report(tmp_path / "sweep.jsonl").read_text()
     assert "| full | 128 | TP=2 x 1 | 600.0 MB | 400,000 | 100.0 (1.00x, 1.00-1.00) |" in table
     # per-round ratios 1.5, 1.9, 1.5 and, alone, 1.0, 1.1, 1.0: medians 1.5 and 1.0
-    assert "| prune_offline | 64 | TP=1 x 2 | 600.0 MB | 390,000 | 150.0 (1.50x, 1.50-1.90) |" in table
+    assert "| prune_offline | 64 | TP=1 x 2 (2 servers) | 600.0 MB | 390,000 | 150.0 (1.50x, 1.50-1.90) |" in table
     assert "| prune_offline | 64 | TP=1 x 1 (one replica alone) | 600.0 MB | 390,000 | 100.0 (1.00x, 1.00-1.10) |" in table
     assert "| prune_offline | 64 | 2 | 1.000 | 2.000 | 1.500 | 0.750 |" in table
     assert (tmp_path / "sweep.png").read_bytes().startswith(PNG_MAGIC)
