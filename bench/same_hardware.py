@@ -2,10 +2,11 @@
 
 A configuration runs in the smallest shape that holds its weights plus a KV reserve: TP over the fewest
 devices that fit (easyep_sglang.plan's memory model), and the rest of the devices as data-parallel replicas:
-one server per replica, dealt the requests in turn (as launch/deepseek_r1_same_hardware.sh serves one per node),
-or one server with SGLang's --dp-size. On a CPU a "device" is one core, bound through SGLANG_CPU_OMP_THREADS_BIND, and its
-memory is a budget the plan divides: the KV tokens left are passed as --max-total-tokens, so each shape holds
-the KV cache its devices would. On a GPU the device memory is real and SGLang sizes the KV cache itself.
+one server per replica, dealt the requests in turn (as launch/deepseek_r1_same_hardware.sh serves one per
+node), or one server with SGLang's --dp-size. On a CPU a "device" is one core, bound through
+SGLANG_CPU_OMP_THREADS_BIND, and its memory is a budget the plan divides: the KV tokens left are passed as
+--max-total-tokens, so each shape holds the KV cache its devices would. On a GPU the device memory is real and
+SGLang sizes the KV cache itself.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from easyep_sglang.plan import Footprint, capacity, human
 from easyep_sglang.spec import MoESpec
 
-SAME_HARDWARE, ALONE = "same-hardware", "one-replica-alone"  # a row's layout: the configuration's shape, or one replica of it
+SAME_HARDWARE, ALONE = "same-hardware", "one-replica-alone"  # a row's layout: the shape, or one replica of it
+
 
 @dataclass(frozen=True)
 class Hardware:
@@ -24,10 +26,6 @@ class Hardware:
     device_memory: int  # bytes per device for weights and KV cache
     kv_reserve_tokens: int  # a shape fits only if each replica holds at least this many KV tokens
     kv_dtype_bytes: int = 2
-
-    def describe(self) -> str:
-        return (f"{self.devices} devices of {human(self.device_memory)} (weights + KV cache), "
-                f"KV reserve {self.kv_reserve_tokens:,} tokens per replica")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 
 from bench.same_hardware import ALONE, SAME_HARDWARE
-from bench.sweep_cells import median, ratio_text, setting_label
+from bench.sweep_cells import median, provenance_line, ratio_text, setting_label
 from easyep_sglang.plan import human
 
 KEY = "output_throughput"
@@ -43,8 +43,7 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
     lines = [
         f"# Same-hardware throughput sweep {first['sweep_id']}",
         "",
-        f"Model `{first['model']}` ({first.get('architecture')}, {first.get('model_fingerprint')}); "
-        f"SGLang {first['sglang_version']}; device {first['device']}; git {first['git_commit']}.",
+        provenance_line(first),
         f"Hardware: {first['devices']} devices of {first['device_memory']} each (weights + KV cache); on a CPU a "
         f"device is one core. Concurrency {first['concurrency']}, {first['num_prompts']} prompts per run, lengths "
         f"x{first['scale']:g}; {rounds} round(s), configurations served in turn; host load "

@@ -98,7 +98,7 @@ def bench_server(server, model_path: str | Path, config: BenchConfig = BenchConf
 def bench_replicas(servers: list, model_path: str | Path, config: BenchConfig = BenchConfig()) -> dict:
     """bench_server over replicas of one model at once, the prompts and the concurrency split evenly (a client
     that deals requests round-robin). Counts, throughputs, CPU time and PSS add up over the replicas, over the
-    longest run's duration; latencies are the replicas' means (each served the same number of requests)."""
+    longest run's duration; mean latencies are the replicas' means (each served the same number of requests)."""
     if len(servers) == 1:
         return bench_server(servers[0], model_path, config)
     n = len(servers)
@@ -108,8 +108,10 @@ def bench_replicas(servers: list, model_path: str | Path, config: BenchConfig = 
     part = replace(config, num_prompts=config.num_prompts // n, concurrency=config.concurrency // n)
     with ThreadPoolExecutor(n) as pool:
         parts = list(pool.map(lambda server: bench_server(server, model_path, part), servers))
-    merged = {key: None if None in (values := [r[key] for r in parts]) else sum(values)
-              for key in ("completed", "total_input_tokens", "total_output_tokens", "server_cpu_s", "server_pss_bytes")}
+    merged = dict.fromkeys(RESULT_FIELDS)  # medians and percentiles do not combine: they stay None
+    merged.update({key: None if None in (values := [r[key] for r in parts]) else sum(values)
+                   for key in ("completed", "total_input_tokens", "total_output_tokens", "server_cpu_s",
+                               "server_pss_bytes")})
     duration = max(r["duration"] for r in parts)
     merged.update({f"{kind}_throughput": merged[f"total_{kind}_tokens"] / duration for kind in ("input", "output")})
     merged.update(duration=duration, request_throughput=merged["completed"] / duration,

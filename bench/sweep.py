@@ -183,9 +183,13 @@ class Run:
                 "num_prompts": bench.num_prompts, "memory_budget": self.memory_budget(flags),
                 "server_args": flags, "omp_threads": None if flags is None else args.omp_threads,
                 "servers": len(servers), **self.shape_facts(),
-                **provenance(servers[0].base_url, mask_path=config.mask_path, model_path=self.model_path),
-                **result,
+                **self.provenance(servers), **result,
             })
+
+    def provenance(self, servers: list) -> dict:
+        """The first server's provenance; every server must serve the configuration's mask (ServedMaskMismatch)."""
+        facts = [provenance(s.base_url, mask_path=self.config.mask_path, model_path=self.model_path) for s in servers]
+        return facts[0]
 
     def memory_budget(self, flags: list[str] | None) -> str:
         if self.config.shape:

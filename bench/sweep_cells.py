@@ -1,4 +1,4 @@
-"""What both sweep reports (bench.sweep_report, bench.same_hardware_report) label and aggregate alike."""
+"""What both sweep reports (bench.sweep_report, bench.same_hardware_report) label, aggregate and cite alike."""
 
 from __future__ import annotations
 
@@ -20,3 +20,10 @@ def median(values: list[float]) -> float | None:
 
 def ratio_text(x: float | None) -> str:
     return "—" if x is None else f"{x:.3f}"
+
+
+def provenance_line(row: dict) -> str:
+    """What a sweep measured with: the model, SGLang, the device and MoE kernels, the commit."""
+    return (f"Model `{row['model']}` ({row.get('architecture')}, {row.get('model_fingerprint')}); "
+            f"SGLang {row['sglang_version']}; device {row['device']} ({row.get('moe_kernel_path')}); "
+            f"git {row['git_commit']}.")

@@ -10,7 +10,7 @@ import io
 from pathlib import Path
 
 from bench import same_hardware_report
-from bench.sweep_cells import median, ratio_text, setting_label
+from bench.sweep_cells import median, provenance_line, ratio_text, setting_label
 from easyep_sglang.fileio import atomic_write_bytes, atomic_write_text
 from easyep_sglang.report import read_rows
 
@@ -48,6 +48,11 @@ def speedup_grid(rows: list[dict], key: str = "output_throughput") -> tuple[list
     return settings, configs, grid
 
 
+def pss_values(rows: list[dict]) -> list[int]:
+    """The PSS of the rows that have one: a server on another machine (--base-url) has none."""
+    return [r["server_pss_bytes"] for r in rows if r.get("server_pss_bytes") is not None]
+
+
 def ratio_summary(rows: list[dict]) -> list[str]:
     """Per configuration, over all settings and rounds: median throughput ratios to full, PSS ratio, weight ratio,
     and the memory freed per weight byte pruned (1.0: every pruned byte left the server; PSS also holds the
@@ -55,7 +60,7 @@ def ratio_summary(rows: list[dict]) -> list[str]:
     full = [r for r in rows if r["mode"] == "full"]
     if not full:
         return []
-    full_pss, full_weights = median([r["server_pss_bytes"] for r in full]), full[0].get("weight_bytes")
+    full_pss, full_weights = median(pss_values(full)), full[0].get("weight_bytes")
     _, configs, grid = speedup_grid(rows)
     cpu_grid = speedup_grid(rows, "output_tokens_per_cpu_s")[2]
     lines = ["", "Ratios to the full model (medians over settings of the per-setting medians over rounds):", "",
@@ -69,10 +74,13 @@ def ratio_summary(rows: list[dict]) -> list[str]:
         throughput = median([grid[c][2] for c in cells if grid[c][2]])
         per_cpu = median([cpu_grid[c][2] for c in cells if cpu_grid[c][2]])
         config_rows = [r for c in cells for r in grid[c][0]]
-        pss = median([r["server_pss_bytes"] for r in config_rows])
+        pss = median(pss_values(config_rows))
         weights = config_rows[0].get("weight_bytes")
-        freed = (full_pss - pss) / (full_weights - weights) if weights and full_weights and weights < full_weights else None
-        lines.append(f"| {mode} | {experts:g} | {ratio_text(throughput)} | {ratio_text(per_cpu)} | {pss / full_pss:.3f} | "
+        measured = pss and full_pss
+        freed = ((full_pss - pss) / (full_weights - weights)
+                 if measured and weights and full_weights and weights < full_weights else None)
+        lines.append(f"| {mode} | {experts:g} | {ratio_text(throughput)} | {ratio_text(per_cpu)} | "
+                     f"{ratio_text(pss / full_pss if measured else None)} | "
                      f"{ratio_text(weights / full_weights if weights and full_weights else None)} | {ratio_text(freed)} |")
     return lines
 
@@ -85,9 +93,7 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
     header = [
         f"# Throughput sweep {first['sweep_id']}",
         "",
-        f"Model `{first['model']}` ({first.get('architecture')}, {first.get('model_fingerprint')}); "
-        f"SGLang {first['sglang_version']}; device {first['device']} ({first['moe_kernel_path']}); "
-        f"git {first['git_commit']}.",
+        provenance_line(first),
         f"Concurrency {first['concurrency']}, {first['num_prompts']} prompts per run, lengths x{first['scale']:g}; "
         f"memory budget {first['memory_budget']} (mem_fraction_static {first['mem_fraction_static']}); "
         f"OMP threads {first.get('omp_threads') or 'default'}; host load {first.get('host_load_1m')} at the first run; "
@@ -108,9 +114,10 @@ def markdown_table(rows: list[dict], skipped: list[str] = ()) -> str:
             ratios = [f"{x:.2f}x{suffix}" for x, suffix in ((speedup, ""), (cpu_speedup, "/CPU-s")) if x is not None]
             cells.append("—" if throughput is None else f"{throughput:.1f}" +
                          (f" ({', '.join(ratios)})" if ratios else ""))
-        pss = median([r["server_pss_bytes"] for r in config_rows]) / 1e9
+        pss = median(pss_values(config_rows))
         kv = config_rows[0].get("max_total_num_tokens")
-        lines.append(f"| {mode} | {experts:g} | {pss:.2f} | {kv} | " + " | ".join(cells) + " |")
+        lines.append(f"| {mode} | {experts:g} | {'—' if pss is None else f'{pss / 1e9:.2f}'} | {kv} | "
+                     + " | ".join(cells) + " |")
     footer = ratio_summary(rows) + ["", f"Note: {PAPER_NOTE}"]
     if skipped:
         footer += ["", "Skipped:"] + [f"- {reason}" for reason in skipped]

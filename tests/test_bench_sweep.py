@@ -161,3 +161,19 @@ def test_rounds_pair_each_run_with_the_full_run_of_its_round(tmp_path):
     assert "| prune_load | 64 | 3.00 | 8192 | 155.0 (1.00x, 1.00x/CPU-s) |" in table
     assert "| prune_load | 64 | 1.000 | 1.000 | 0.750 | 0.500 | 1.000 |" in table
     assert "2 round(s)" in table
+
+
+def test_report_of_servers_on_another_machine_has_no_memory_figures(tmp_path):
+    """A --base-url server on another host has no PSS here: the table says so instead of failing."""
+    from bench.sweep_report import markdown_table
+
+    base = {"kind": "throughput-sweep", "sweep_id": "s3", "model": "m", "sglang_version": "0.5.23", "device": "cuda",
+            "moe_kernel_path": "k", "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 1,
+            "memory_budget": "as started elsewhere", "mem_fraction_static": None, "nominal_input_len": 1024,
+            "nominal_output_len": 1024, "input_len": 1024, "output_len": 1024, "max_total_num_tokens": 8192,
+            "server_pss_bytes": None, "output_tokens_per_cpu_s": None, "weight_bytes": None}
+    rows = [{**base, "mode": "full", "experts": 256, "output_throughput": 100.0},
+            {**base, "mode": "prune_offline", "experts": 128, "output_throughput": 130.0}]
+    table = markdown_table(rows)
+    assert "| full | 256 | — | 8192 | 100.0 (1.00x) |" in table
+    assert "| prune_offline | 128 | 1.300 | — | — | — | — |" in table

@@ -143,6 +143,18 @@ def test_replicas_share_the_requests_evenly_and_their_counts_add_up(servers):
         bench_replicas([server, server], server.model_path, BenchConfig(8, 4, num_prompts=3, concurrency=2))
 
 
+@pytest.mark.servers("plain:deepseek_v3/fp32", "mask:deepseek_v3/varying")
+def test_every_replica_must_serve_the_configurations_mask(servers, tmp_path, capsys):
+    """Two --base-url replicas of the full model, the second serving a mask: no row is written for them."""
+    plain, masked = servers.use("plain:deepseek_v3/fp32"), servers.use("mask:deepseek_v3/varying")
+    with pytest.raises(SystemExit):
+        main(["--model-path", str(plain.model_path), "--modes", "full", "--base-url", plain.base_url, masked.base_url,
+              "--inputs", "8", "--outputs", "4", "--concurrency", "2", "--num-prompts", "2", "--out-dir", str(tmp_path)])
+    assert f"easyep: error: the row names no mask, but the server at {masked.base_url} serves mask sha256:" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "sweep.jsonl").exists()
+
+
 def test_report_gives_the_speedup_its_spread_and_its_parts(tmp_path):
     base = {"kind": "throughput-sweep", "sweep_id": "s", "model": "m", "sglang_version": "0.5.23", "device": "cpu",
             "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 0.03, "devices": 2,
