@@ -84,7 +84,12 @@ def run_sweep(args) -> Path | None:
     sweep_id, on_cpu = args.sweep_id or time.strftime("%Y%m%dT%H%M%S"), not gpu_available()
     if args.dry_run:
         for config in configs:
-            for server in config_deployments(args, config, on_cpu):
+            try:
+                planned = config_deployments(args, config, on_cpu)
+            except ValueError as err:  # e.g. a GPU plan checked on a CPU host with fewer cores than its devices
+                print(f"easyep: dry run: {config.label()}: not here: {err}", file=sys.stderr)
+                continue
+            for server in planned:
                 bound = " ".join(f"{key}={value}" for key, value in server.env.items())
                 print(f"easyep: dry run: {config.label()}: {shlex.join(server.flags)}{f' ({bound})' if bound else ''}",
                       file=sys.stderr)
