@@ -117,7 +117,8 @@ def plot_png(rows: list[dict]) -> bytes:
     first = rows[0]
     ax.set_title(f"Same hardware: {first['devices']} devices of {first['device_memory']}, concurrency "
                  f"{first['concurrency']} ({first['device']})")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # no full-model run, no ratio to plot
+        ax.legend(fontsize=8)
     fig.text(0.01, 0.01, "Measured, nothing doubled: each configuration in its own shape (TP, replicas); "
              "bars: min-max over rounds.", fontsize=7)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
