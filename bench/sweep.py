@@ -42,8 +42,8 @@ from pathlib import Path
 
 from bench.same_hardware import ALONE, SAME_HARDWARE, Deployment, deployments
 from bench.serving import BenchConfig, bench_replicas, omp_env, served_at, sigterm_unwinds
-from bench.sweep_plan import (BENCH_MODELS, MODES, Launch, ServerConfig, build_bench_model, measured_configs,
-                              plan_configs, scaled)
+from bench.sweep_plan import (BENCH_MODELS, MODES, Launch, ServerConfig, build_bench_model, device_memory,
+                              measured_configs, plan_configs, scaled)
 from bench.sweep_report import write_report
 from easyep_sglang.mask import MaskError
 from easyep_sglang.report import append_row, provenance
@@ -207,8 +207,8 @@ class Run:
         shape = self.config.shape
         if shape is None:
             return {}
-        return {"layout": self.config.layout, "devices": self.args.same_hardware, "device_memory": self.args.device_memory
-                or BENCH_MODELS[self.args.bench_model].device_memory, "shape_tp": shape.tp,
+        return {"layout": self.config.layout, "devices": self.args.same_hardware, "device_memory": device_memory(self.args),
+                "shape_tp": shape.tp,
                 "shape_replicas": shape.replicas, "replicas_as": self.args.replicas_as if shape.replicas > 1 else None,
                 "weights_per_device": shape.weights_per_device,
                 "planned_kv_tokens_per_replica": shape.kv_tokens}

@@ -117,10 +117,15 @@ def plan_configs(args, spec: MoESpec, model_path: Path, out_dir: Path) -> list[S
     return configs
 
 
+def device_memory(args) -> str:
+    """--device-memory as given, else the bench model's default ("" when neither says)."""
+    return args.device_memory or (BENCH_MODELS[args.bench_model].device_memory if args.bench_model else "")
+
+
 def same_hardware(args, config: dict) -> Hardware:
     """--same-hardware's devices and their memory; the KV reserve defaults to what the sweep's longest setting
     holds at its concurrency."""
-    memory = args.device_memory or (BENCH_MODELS[args.bench_model].device_memory if args.bench_model else "")
+    memory = device_memory(args)
     if not memory:
         raise ValueError("--same-hardware needs --device-memory (e.g. 80GB, each device's memory for weights and KV)")
     if args.same_memory_budget or args.max_total_tokens:
