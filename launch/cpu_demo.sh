@@ -8,8 +8,8 @@ set -euo pipefail
 PYTHON=${PYTHON:-python3}
 WORK=${1:-$(mktemp -d -t easyep-cpu-demo.XXXXXX)}
 PORT=${PORT:-$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}
-MODEL=$("$PYTHON" -c 'from easyep_sglang.demo import DEMO_MODEL; print(DEMO_MODEL)')
-MASK=$("$PYTHON" -c 'from easyep_sglang.demo import DEMO_MASK; print(DEMO_MASK)')
+MODEL=$("$PYTHON" -c 'from easyep_sglang.demo.server import DEMO_MODEL; print(DEMO_MODEL)')
+MASK=$("$PYTHON" -c 'from easyep_sglang.demo.server import DEMO_MASK; print(DEMO_MASK)')
 URL="http://127.0.0.1:$PORT"
 mkdir -p "$WORK"
 

@@ -16,7 +16,7 @@
 #   bench-pruned  on HEAD while serve-pruned runs on both nodes: the 32 requests dealt over the two replicas
 #   bench-alone   on HEAD while serve-pruned runs on HEAD only: one replica on its own, the part replicas multiply
 # Every bench step appends rows to $OUT/sweep.jsonl under one sweep id ($SWEEP_ID), paired by round, and
-# renders $OUT/sweep.md and sweep.png (python -m bench.sweep_report $OUT/sweep.jsonl renders them again).
+# renders $OUT/sweep.md and sweep.png (python -m bench.sweep.report $OUT/sweep.jsonl renders them again).
 set -euo pipefail
 STEP=${1:-plan}
 : "${MODEL:?set MODEL to the DeepSeek-R1/V3 checkpoint directory}"

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from bench.server_startup import other_model_modules
-from easyep_sglang.calibrate import ServerClient, flush_prefix_cache
+from bench.micro.server_startup import other_model_modules
+from easyep_sglang.serving.calibrate import ServerClient, flush_prefix_cache
 from run_order import grouped, interleaved
 from server_pool import ModelStore, ServerPool
 
@@ -23,7 +23,7 @@ ARCHS = ("deepseek_v3", "qwen3_moe")
 POOL = pytest.StashKey[ServerPool]()
 PLANNED = pytest.StashKey[dict[str, int]]()  # node id -> its place among the tests that use planned servers
 # A scheduler imports all ~250 SGLang model modules, and what they import, to fill its model registry; SGLang's own
-# SGLANG_DISABLED_MODEL_ARCHS skips the unrelated ones in every server the tests start (python -m bench.server_startup).
+# SGLANG_DISABLED_MODEL_ARCHS skips the unrelated ones in every server the tests start (python -m bench.micro.server_startup).
 os.environ.setdefault("SGLANG_DISABLED_MODEL_ARCHS", other_model_modules())
 
 

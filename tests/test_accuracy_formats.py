@@ -1,4 +1,4 @@
-"""Every format easyep_sglang.datasets_io reads, in the problem/solution layout of AIME and HMMT, scores the same
+"""Every format easyep_sglang.core.datasets_io reads, in the problem/solution layout of AIME and HMMT, scores the same
 pass@1 through the served demo MoE as today's {problem, answer} JSONL. This file sorts right after
 test_accuracy.py, which uses the same pool server."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import datasets
 import pytest
 
-from easyep_sglang import accuracy
-from easyep_sglang.calibrate import ServerClient, flush_prefix_cache
-from easyep_sglang.report import read_rows
+from easyep_sglang.eval import accuracy
+from easyep_sglang.eval.provenance import read_rows
+from easyep_sglang.serving.calibrate import ServerClient, flush_prefix_cache
 from test_data_formats import write_formats
 
 DEMO_SETS = Path(__file__).resolve().parent.parent / "easyep_sglang" / "data" / "demo_sets"

@@ -1,15 +1,19 @@
 """Throughput sweep: a smoke-sized live sweep and its rows, table and plot; the plan of every mode with the
 weight bytes it serves; what a pruned configuration's row records; the report over every mode."""
 
+import shlex
+import sys
+
 import pytest
 
-from bench.sweep import build_parser, main, prepare_server
-from bench.sweep_plan import MODES, Launch, ServerConfig, first_experts_mask, plan_configs
-from bench.serving import RunningServer, server_pss_bytes
-from easyep_sglang.mask import ExpertMask, MaskError
-from easyep_sglang.report import provenance, read_rows
-from easyep_sglang.server_process import free_port
-from easyep_sglang.spec import spec_from_model_path
+from bench.sweep.run import build_parser, main, prepare_server
+from bench.sweep.plan import MODES, Launch, ServerConfig, SweepConfig, first_experts_mask, plan_configs
+from bench.common.serving import RunningServer, server_pss_bytes
+from easyep_sglang.checkpoint.pruned_checkpoint import read_pruned_checkpoint
+from easyep_sglang.core.mask import ExpertMask, MaskError
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.eval.provenance import provenance, read_rows
+from easyep_sglang.serving.server_process import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PROVENANCE = ("git_commit", "sglang_version", "device", "model", "model_fingerprint", "mask_digest", "experts",
@@ -31,23 +35,39 @@ def test_first_experts_mask_spreads_over_groups(tiny):
 
 
 def test_pruned_modes_prepare_or_skip_with_a_reason(tiny, tmp_path):
-    mask_path = tmp_path / "mask.json"
-    first_experts_mask(spec_from_model_path(tiny), 8).save(mask_path)
+    """One right outcome each: prune_offline serves the pruner's checkpoint of exactly the mask's experts (no mask,
+    no flags), prune_load the source with the mask and --prune (our launcher has the flag); a mask the pruner
+    refuses is skipped with the pruner's command and its own error, and leaves no checkpoint."""
+    spec = spec_from_model_path(tiny)
+    mask, mask_path = first_experts_mask(spec, 8), tmp_path / "mask.json"
+    mask.save(mask_path)
     offline, reason = prepare_server(ServerConfig("prune_offline", 8, mask_path, 0), tiny, tmp_path)
-    assert reason is None, reason
+    assert (offline, reason) == (Launch(tmp_path / "pruned" / "mask"), None), reason
+    pruned = read_pruned_checkpoint(offline.model_path)
+    assert pruned.source_spec.fingerprint == spec.fingerprint and pruned.keep == mask.keep
     assert spec_from_model_path(offline.model_path).n_experts == 8
     at_load, reason = prepare_server(ServerConfig("prune_load", 8, mask_path, 0), tiny, tmp_path)
-    assert reason is None and at_load == Launch(tiny, mask_path, ("--prune",))
+    assert (at_load, reason) == (Launch(tiny, mask_path, ("--prune",)), None)
     bad = tmp_path / "other-model.json"
     first_experts_mask(spec_from_model_path(tiny), 8).save(bad)
     bad.write_text(bad.read_text().replace('"n_experts": 16', '"n_experts": 32'))
     skipped, reason = prepare_server(ServerConfig("prune_offline", 8, bad, 0), tiny, tmp_path)
-    assert skipped is None and "the offline pruner rejected it" in reason
+    command = shlex.join([sys.executable, "-m", "easyep_sglang.prune", "--model-path", str(tiny), "--mask", str(bad),
+                          "--out", str(tmp_path / "pruned" / "other-model"), "--force"])
+    assert skipped is None and reason.startswith(f"the offline pruner rejected it ({command}: exit 1: ")
+    assert "mask was made for another model (n_experts 32, this model has 16)" in reason
+    assert not (tmp_path / "pruned" / "other-model").exists()
+
+
+def test_the_flags_map_onto_the_config_with_its_defaults():
+    assert SweepConfig(**vars(build_parser().parse_args(["--bench-model", "tiny"]))) == SweepConfig(bench_model="tiny")
+    with pytest.raises(ValueError, match="give one of --model-path and --bench-model"):
+        SweepConfig()
 
 
 def test_every_mode_is_planned_with_the_weight_bytes_it_serves(tiny, tmp_path):
-    args = build_parser().parse_args(["--model-path", str(tiny), "--experts", "8", "--modes", *MODES])
-    configs = plan_configs(args, spec_from_model_path(tiny), tiny, tmp_path)
+    sweep = SweepConfig(model_path=tiny, experts=(8,), modes=MODES)
+    configs = plan_configs(sweep, spec_from_model_path(tiny), tiny, tmp_path)
     assert [(c.mode, c.experts) for c in configs] == [("full", 16), *((mode, 8) for mode in MODES[1:])]
     full_bytes = sum(p.stat().st_size for p in tiny.glob("*.safetensors"))
     weights = {c.mode: c.weight_bytes for c in configs}
@@ -122,8 +142,8 @@ def test_pss_of_no_processes_is_zero():
 
 
 def test_report_renders_every_setting_and_mode(tmp_path):
-    from bench.sweep_report import write_report
-    from easyep_sglang.report import append_row
+    from bench.sweep.report import write_report
+    from easyep_sglang.eval.provenance import append_row
 
     base = {"kind": "throughput-sweep", "sweep_id": "s1", "model": "m", "sglang_version": "0.5.23", "device": "cpu",
             "moe_kernel_path": "k", "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 0.03,
@@ -145,7 +165,7 @@ def test_report_renders_every_setting_and_mode(tmp_path):
 
 
 def test_rounds_pair_each_run_with_the_full_run_of_its_round(tmp_path):
-    from bench.sweep_report import markdown_table
+    from bench.sweep.report import markdown_table
 
     base = {"kind": "throughput-sweep", "sweep_id": "s2", "model": "m", "sglang_version": "0.5.23", "device": "cpu",
             "moe_kernel_path": "k", "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 0.03,
@@ -165,7 +185,7 @@ def test_rounds_pair_each_run_with_the_full_run_of_its_round(tmp_path):
 
 def test_report_of_servers_on_another_machine_has_no_memory_figures(tmp_path):
     """A --base-url server on another host has no PSS here: the table says so instead of failing."""
-    from bench.sweep_report import markdown_table
+    from bench.sweep.report import markdown_table
 
     base = {"kind": "throughput-sweep", "sweep_id": "s3", "model": "m", "sglang_version": "0.5.23", "device": "cuda",
             "moe_kernel_path": "k", "git_commit": "c", "concurrency": 32, "num_prompts": 64, "scale": 1,

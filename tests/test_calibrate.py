@@ -8,14 +8,15 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import ARCHS
-from easyep_sglang import calibrate, select
-from easyep_sglang.calibrate import Sample, ServerClient, collect
-from easyep_sglang.launch import prepare
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.sglang_plugin.server_env import ENV_STATS_DIR
-from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
-from easyep_sglang.spec import spec_from_model_path
-from easyep_sglang.stats import ExpertStats
+from easyep_sglang.core import selection as select
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.serving import calibrate
+from easyep_sglang.serving.calibrate import Sample, ServerClient, collect
+from easyep_sglang.serving.launch import prepare
+from easyep_sglang.sglang_plugin.settings import PluginSettings
+from expert_distribution import record_expert_counts
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.core.stats import ExpertStats
 from server_pool import witnessed_server
 
 PREFIX = "Q: What is 12 + 30? A: "
@@ -43,12 +44,20 @@ def test_read_prompts_formats_and_errors(tiny_models, tmp_path):
     assert calibrate.longest([short, long_, mid], 2) == [long_, mid]
 
 
+def test_the_flags_map_onto_the_config_with_its_defaults():
+    args, sglang_args = calibrate.build_parser().parse_known_args(["--model-path", "m", "--prompts", "p.jsonl",
+                                                                   "--domain", "d", "--out", "s", "--dtype", "float32"])
+    assert calibrate.CalibrationConfig(**vars(args)) == calibrate.CalibrationConfig("m", "p.jsonl", "d", "s")
+    assert sglang_args == ["--dtype", "float32"]  # flags calibrate does not know go to SGLang
+
+
 def test_launcher_record_stats_flag(tiny_models, tmp_path):
     argv, env = prepare(["--model-path", str(tiny_models["deepseek_v3"]), "--record-stats", str(tmp_path / "s")])
-    assert env[ENV_STATS_DIR] == str(tmp_path / "s") and env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
+    assert PluginSettings.from_env(env) == PluginSettings(stats_dir=tmp_path / "s")
+    assert env["SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION"] == "0"
     assert "--disable-prefill-cuda-graph" in argv
     argv, env = prepare(["--model-path", str(tiny_models["deepseek_v3"])])
-    assert ENV_STATS_DIR not in env and "--disable-prefill-cuda-graph" not in argv
+    assert PluginSettings.from_env(env) == PluginSettings() and "--disable-prefill-cuda-graph" not in argv
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,4 +1,4 @@
-"""Every format easyep_sglang.datasets_io reads calibrates, through a real server, to the statistics of the same
+"""Every format easyep_sglang.core.datasets_io reads calibrates, through a real server, to the statistics of the same
 samples prefilled directly (so also to today's JSONL); a response longer than the server takes is cut to fit.
 
 The server is the pool's plain Qwen3-MoE, which test_calibrate.py uses just before (this file sorts after it): it
@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from easyep_sglang import calibrate
-from easyep_sglang.calibrate import ServerClient, collect
-from easyep_sglang.calibration_data import Sample
-from easyep_sglang.stats import ExpertStats
+from easyep_sglang.core.stats import ExpertStats
+from easyep_sglang.serving import calibrate
+from easyep_sglang.serving.calibrate import ServerClient, collect
+from easyep_sglang.serving.calibration_data import Sample
 from test_data_formats import PAIRS, write_formats
 
 CALIBRATING = "plain:qwen3_moe/fp32"

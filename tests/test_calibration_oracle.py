@@ -15,12 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ARCHS
-from easyep_sglang import calibrate
-from easyep_sglang.calibrate import ServerClient, collect
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.core.stats import STATISTICS, ExpertStats
+from easyep_sglang.serving import calibrate
+from easyep_sglang.serving.calibrate import ServerClient, collect
 from easyep_sglang.sglang_plugin.gate_mask import PRUNED_BIAS
-from easyep_sglang.spec import spec_from_model_path
-from easyep_sglang.stats import STATISTICS, ExpertStats
-from server_pool import MASKS, MODEL_ARGS
+from server_specs import MASKS, MODEL_ARGS
 
 # (prompt, response) pairs; the tiny tokenizer makes one token per character, plus BOS.
 TEXTS = [
@@ -162,8 +162,8 @@ def test_calibrate_cli_bf16_agreement(tiny_models, tmp_path):
 
 ENGINE_SCRIPT = """
 import json, sys
-from easyep_sglang.calibrate import Sample, collect
-from easyep_sglang.engine import EngineClient, create_engine
+from easyep_sglang.serving.calibrate import Sample, collect
+from easyep_sglang.serving.engine import EngineClient, create_engine
 
 if __name__ == "__main__":
     model, stats_dir, sequences = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

@@ -1,4 +1,4 @@
-"""Bring your own data, without a server: every format easyep_sglang.datasets_io reads gives the same records and
+"""Bring your own data, without a server: every format easyep_sglang.core.datasets_io reads gives the same records and
 problems as the equivalent JSONL; data that cannot be used is refused in one line naming the fix, before any server
 starts; select refuses statistics without tokens and warns when ties choose the kept experts. Through servers:
 test_calibrate_formats.py and test_accuracy_formats.py."""
@@ -12,12 +12,16 @@ import datasets
 import pytest
 import torch
 
-from easyep_sglang import accuracy, calibrate, select
-from easyep_sglang.calibration_data import Sample, fit_to_context, read_prompts
-from easyep_sglang.datasets_io import DataError
-from easyep_sglang.server_process import free_port
-from easyep_sglang.spec import spec_from_model_path
-from easyep_sglang.stats import ExpertStats
+from easyep_sglang.eval import accuracy
+
+from easyep_sglang.serving import calibrate
+
+from easyep_sglang.core import selection as select
+from easyep_sglang.core.datasets_io import DataError
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.core.stats import ExpertStats
+from easyep_sglang.serving.calibration_data import Sample, fit_to_context, read_prompts
+from easyep_sglang.serving.server_process import free_port
 
 # (prompt, response); the tiny tokenizer makes one token per character
 PAIRS = [

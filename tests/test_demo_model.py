@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from easyep_sglang.demo_model import SUPPORTED_ARCHS, build_tiny_model, main
-from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, ROUTER_SOFTMAX, spec_from_model_path
+from easyep_sglang.core.spec import ROUTER_SIGMOID_BIAS, ROUTER_SOFTMAX, spec_from_model_path
+from easyep_sglang.demo.tiny_models import SUPPORTED_ARCHS, build_tiny_model, main
 
 ARCHS = sorted(SUPPORTED_ARCHS)
 

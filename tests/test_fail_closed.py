@@ -15,15 +15,15 @@ import time
 
 import pytest
 
-from easyep_sglang import calibrate
-from easyep_sglang.launch import prepare
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.server_process import LaunchedServer, LoopbackNodes
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.serving import calibrate
+from easyep_sglang.serving.launch import prepare
+from easyep_sglang.serving.server_process import LaunchedServer, LoopbackNodes
 from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.fail_closed import WorkerReport
 from easyep_sglang.sglang_plugin.served_mask import ServedMask
-from easyep_sglang.spec import spec_from_model_path
-from server_pool import MASKS
+from server_specs import MASKS
 
 STOP_WITHIN_S = 30
 STOPPED = "easyep: error: server stopped before serving: "
@@ -159,7 +159,7 @@ def test_launcher_refuses_an_allowlist_without_the_plugin(tmp_path, tiny_models,
 def test_launcher_refuses_an_untested_sglang_unless_allowed(tmp_path, tiny_models, monkeypatch):
     model = tiny_models["qwen3_moe"]
     args = ["--model-path", str(model), "--mask", str(_half_mask(model, tmp_path / "m.json")), "--device", "cpu"]
-    monkeypatch.setattr("easyep_sglang.launch.TESTED_SGLANG_VERSION", "0.0.1")
+    monkeypatch.setattr("easyep_sglang.serving.launch.TESTED_SGLANG_VERSION", "0.0.1")
     with pytest.raises(ValueError, match="pass --allow-untested-sglang"):
         prepare(args)
     prepare([*args, "--allow-untested-sglang"])

@@ -2,7 +2,7 @@
 
 SGLang's Fp8MoEMethod and FP8 weight loaders build and fill the layers; sglang_plugin/cpu_fp8.py stands in for the
 AMX packing and the two AMX kernels alone. The references are independent of both: the checkpoint dequantized by
-SGLang's `block_quant_dequant` (not fp8_blocks.py), run by transformers' own DeepSeek-V3 modules in float32.
+SGLang's `block_quant_dequant` (not checkpoint/fp8_blocks.py), run by transformers' own DeepSeek-V3 modules in float32.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from conftest import generate
-from easyep_sglang import calibrate
-from easyep_sglang.launch import prepare
-from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
-from easyep_sglang.spec import spec_from_model_path
-from easyep_sglang.stats import ExpertStats
-from server_pool import MASKS
+from easyep_sglang.serving import calibrate
+from easyep_sglang.serving.launch import prepare
+from expert_distribution import record_expert_counts
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.core.stats import ExpertStats
+from server_specs import MASKS
 from test_calibration_oracle import TEXTS, agreement, samples_for, show, transformers_statistics
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,12 +11,12 @@ import re
 import pytest
 
 from conftest import generate
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.report import server_info
-from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.eval.provenance import server_info
+from expert_distribution import record_expert_counts
+from easyep_sglang.core.spec import spec_from_model_path
 from easyep_sglang.sglang_plugin.served_mask import REPORT_KEY
-from easyep_sglang.spec import spec_from_model_path
-from server_pool import MASKS
+from server_specs import MASKS
 from test_prune_served_mask import assert_workers_report
 
 KEEP = MASKS["deepseek_v3/tp2"]

@@ -11,9 +11,9 @@ import openai
 import pytest
 
 from conftest import ARCHS, generate, greedy
-from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
-from easyep_sglang.spec import spec_from_model_path
-from server_pool import MASKS
+from expert_distribution import record_expert_counts
+from easyep_sglang.core.spec import spec_from_model_path
+from server_specs import MASKS
 
 PROMPTS = ["Q: 37+48=? A:", "def add(a, b):\n    return", "The license grants you", "In the beginning there"]
 PLAIN, ALL_KEEP, MASKED = "plain:{arch}/fp32", "mask:{arch}/all", "mask:{arch}/varying"

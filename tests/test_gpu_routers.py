@@ -17,9 +17,9 @@ import torch
 from sglang.srt.layers.moe import topk as sglang_topk
 from sglang.srt.runtime_context import get_context
 
-from easyep_sglang.mask import ExpertMask, MaskError
+from easyep_sglang.core.mask import ExpertMask, MaskError
+from easyep_sglang.core.spec import spec_from_config
 from easyep_sglang.sglang_plugin import gate_mask
-from easyep_sglang.spec import spec_from_config
 
 LAYER, TOKENS = 1, 48
 V3 = {"architectures": ["DeepseekV3ForCausalLM"], "num_hidden_layers": 2, "hidden_size": 8, "vocab_size": 32,

@@ -5,12 +5,14 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from easyep_sglang.launch import prepare
-from easyep_sglang.launch_checks import OVERLAP_FIX, check_settings, settings_from_cli
-from easyep_sglang.sglang_plugin.server_env import CPU_SHIM_DIR, ENV_MASK
+from easyep_sglang.serving.launch import prepare
+from easyep_sglang.serving.launch_checks import OVERLAP_FIX, check_settings, settings_from_cli
+from easyep_sglang.sglang_plugin.server_env import CPU_SHIM_DIR
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 
 def _launch(*args, timeout=60):
@@ -74,20 +76,21 @@ def test_cpu_setup_adds_defaults_the_user_did_not_give(tiny_models, tmp_path):
     assert argv.count("--max-total-tokens") == 1 and argv[argv.index("--max-total-tokens") + 1] == "2048"
     assert "--attention-backend" in argv and "--disable-cuda-graph" in argv and "--sleep-on-idle" in argv
     assert "--port" in argv
-    assert env[ENV_MASK] == str(mask.resolve()) and env["SGLANG_USE_CPU_ENGINE"] == "1"
+    assert PluginSettings.from_env(env) == PluginSettings(mask=mask.resolve()) and env["SGLANG_USE_CPU_ENGINE"] == "1"
     assert env["PYTHONPATH"].split(":")[0] == str(CPU_SHIM_DIR)
 
 
 def test_no_mask_sets_no_mask_env(tiny_models, monkeypatch):
-    monkeypatch.setenv(ENV_MASK, "/stale/mask.json")
+    for key, value in PluginSettings(mask=Path("/stale/mask.json"), prune=True, stats_dir=Path("/stale")).to_env().items():
+        monkeypatch.setenv(key, value)
     _, env = prepare(["--model-path", str(tiny_models["qwen3_moe"]), "--device", "cpu"])
-    assert ENV_MASK not in env
+    assert PluginSettings.from_env(env) == PluginSettings()
 
 
 def _prune_tiny(tiny_models, tmp_path, keep):
-    from easyep_sglang.mask import ExpertMask
-    from easyep_sglang.prune import prune_checkpoint
-    from easyep_sglang.spec import spec_from_model_path
+    from easyep_sglang.checkpoint.prune import prune_checkpoint
+    from easyep_sglang.core.mask import ExpertMask
+    from easyep_sglang.core.spec import spec_from_model_path
 
     model = tiny_models["deepseek_v3"]
     ExpertMask.for_spec(spec_from_model_path(model), keep, "hand").save(tmp_path / "mask.json")
@@ -95,27 +98,23 @@ def _prune_tiny(tiny_models, tmp_path, keep):
 
 
 def test_plugin_served_pruned_checkpoint_restores_the_source_routing_space(tiny_models, tmp_path):
-    from easyep_sglang.sglang_plugin.server_env import ENV_PRUNED_CHECKPOINT
-
     pruned = _prune_tiny(tiny_models, tmp_path, {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8, 12]})
     argv, env = prepare(["--model-path", str(pruned), "--device", "cpu"])
     overrides = json.loads(argv[argv.index("--json-model-override-args") + 1])
     assert overrides == {"n_routed_experts": 16, "n_group": 4, "topk_group": 2}
-    assert env[ENV_PRUNED_CHECKPOINT] == "1" and ENV_MASK not in env
+    assert PluginSettings.from_env(env) == PluginSettings(pruned_checkpoint=True)
     result = _launch("--model-path", pruned, "--mask", tmp_path / "mask.json")
     assert result.returncode == 2 and "is already pruned; serve it without --mask" in result.stderr
 
 
 def test_stock_exact_pruned_checkpoint_needs_no_plugin(tiny_models, tmp_path):
-    from easyep_sglang.sglang_plugin.server_env import ENV_PRUNED_CHECKPOINT
-
     pruned = _prune_tiny(tiny_models, tmp_path, {1: [0, 1, 2, 3, 8, 9, 10, 11], 2: [4, 5, 6, 7, 12, 13, 14, 15]})
     argv, env = prepare(["--model-path", str(pruned), "--device", "cpu"])
-    assert "--json-model-override-args" not in argv and ENV_PRUNED_CHECKPOINT not in env
+    assert "--json-model-override-args" not in argv and PluginSettings.from_env(env) == PluginSettings()
 
 
 
-# ---- SGLang settings a mode cannot serve (launch_checks.py) ----------------------------------------
+# ---- SGLang settings a mode cannot serve (serving/launch_checks.py) ----------------------------------------
 SPLIT_KEEP = {1: [0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14], 2: [0, 1, 4, 5, 8]}  # 12 and 5 kept
 
 

@@ -12,13 +12,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from server_pool import MASKS
+from server_specs import MASKS
 
-from easyep_sglang import prune
-from easyep_sglang.demo_model import build_tiny_model
-from easyep_sglang.launch import prepare
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.spec import spec_from_model_path
+from easyep_sglang.checkpoint import prune
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.demo.tiny_models import build_tiny_model
+from easyep_sglang.serving.launch import prepare
 
 MTP = 3  # the tiny DeepSeek-V3's next-n layer: decoder layers 0-2, MoE layers 1 and 2
 WHOLE = MASKS["deepseek_v3/whole"]  # layers 1 and 2 keep 2 whole groups of 4

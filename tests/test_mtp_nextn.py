@@ -1,6 +1,6 @@
 """Offline-pruned checkpoints with a next-n (MTP) layer in SGLang 0.5.23 itself (issue 10, item 2).
 
-SGLang's NEXTN speculative decoding does not run on this CPU (the launcher refuses it: launch_checks.py
+SGLang's NEXTN speculative decoding does not run on this CPU (the launcher refuses it: serving/launch_checks.py
 check_cpu_settings); a real server loads target and draft, then stops in the draft worker's setup. So the draft
 model is built the way a draft worker builds it, in a separate process (sglang_worker.py): the launcher's own
 server arguments (launch.prepare, which adds --json-model-override-args for a plugin-served checkpoint) are parsed
@@ -21,11 +21,11 @@ import pytest
 import torch
 from conftest import greedy
 from safetensors.torch import load_file
-from server_pool import MASKS
+from server_specs import MASKS
 
-from easyep_sglang.launch import prepare
-from easyep_sglang.prune import prune_checkpoint
-from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
+from easyep_sglang.checkpoint.prune import prune_checkpoint
+from easyep_sglang.checkpoint.pruned_checkpoint import read_pruned_checkpoint
+from easyep_sglang.serving.launch import prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 MTP = 3

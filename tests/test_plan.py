@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from easyep_sglang.demo_model import build_tiny_model
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.plan import capacity, classify, footprint, main, parse_bytes
-from easyep_sglang.plan_shapes import checkpoint_weights, estimate_weights
-from easyep_sglang.spec import spec_from_config, spec_from_model_path
+from easyep_sglang.checkpoint.capacity import capacity, classify, footprint, main, parse_bytes
+from easyep_sglang.checkpoint.shapes import checkpoint_weights, estimate_weights
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.core.spec import spec_from_config, spec_from_model_path
+from easyep_sglang.demo.tiny_models import build_tiny_model
 
 # The shape-fixing values of the published config.json files, shipped for the planner's README tables.
 CONFIGS = Path(__file__).resolve().parent.parent / "launch" / "configs"

@@ -13,7 +13,7 @@ from sglang.srt.runtime_context import get_context
 
 from easyep_sglang.sglang_plugin import expert_prune, gate_mask, stats_recorder
 from easyep_sglang.sglang_plugin.serving_plan import serving_plan
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 CONFIG = {"architectures": ["DeepseekV3ForCausalLM"], "num_hidden_layers": 2, "hidden_size": 8, "vocab_size": 32,
           "intermediate_size": 16, "moe_intermediate_size": 8, "n_routed_experts": 16, "num_experts_per_tok": 4,
@@ -27,8 +27,8 @@ def worker(tmp_path, monkeypatch):
     """What a worker sees after load_model: a model with a real TopK, a plan from the launcher's environment."""
     (tmp_path / "config.json").write_text(json.dumps(CONFIG))
     (tmp_path / "mask.json").write_text(json.dumps({"keep": {"1": KEPT}}))
-    monkeypatch.setenv(ENV_MASK, str(tmp_path / "mask.json"))
-    monkeypatch.setenv(ENV_PRUNE, "1")
+    for key, value in PluginSettings(mask=tmp_path / "mask.json", prune=True).to_env().items():
+        monkeypatch.setenv(key, value)
     serving_plan.cache_clear()
     with get_context().override_server_args(model_path=str(tmp_path)), torch.compiler.set_stance("force_eager"):
         model = torch.nn.Module()

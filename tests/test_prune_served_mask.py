@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from easyep_sglang import accuracy
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.report import ServedMaskMismatch, provenance, served_mask_facts, server_info
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.eval import accuracy
+from easyep_sglang.eval.provenance import ServedMaskMismatch, provenance, served_mask_facts, server_info
 from easyep_sglang.sglang_plugin.served_mask import REPORT_KEY
-from server_pool import MASKS, server_spec
+from server_specs import MASKS, server_spec
 
 MASK = "deepseek_v3/varying"  # per-layer counts differ, groups split: the offline checkpoint needs the plugin
 MODES = {f"mask:{MASK}": "mask", f"prune:{MASK}": "prune", f"offline:{MASK}": "pruned-checkpoint"}

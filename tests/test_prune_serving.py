@@ -11,9 +11,9 @@ import json
 import pytest
 
 from conftest import generate, greedy
-from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
-from easyep_sglang.spec import spec_from_model_path
-from server_pool import MASKS
+from expert_distribution import record_expert_counts
+from easyep_sglang.core.spec import spec_from_model_path
+from server_specs import MASKS
 
 PROMPTS = ["Q: 37+48=? A:", "def add(a, b):\n    return", "The license grants you"]
 LOGPROB_TOL = 1e-5  # also for the FP8 model: the same kernels over the same experts, in the same order
@@ -72,7 +72,7 @@ def test_pruned_server_never_routes_to_pruned_experts(servers, mask, keep):
 @pytest.mark.servers(MASKED, OFFLINE)
 def test_offline_pruned_checkpoint_matches_the_mask(servers, mask, keep):
     _, masked = _outputs(servers, MASKED, mask)
-    server, pruned = _outputs(servers, OFFLINE, mask)  # the pool pruned it with easyep_sglang.prune.prune_checkpoint
+    server, pruned = _outputs(servers, OFFLINE, mask)  # the pool pruned it with easyep_sglang.checkpoint.prune.prune_checkpoint
     config = json.loads((server.model_path / "config.json").read_text())
     assert config["easyep"]["stock_engine"] == STOCK_ENGINE[mask]
     _assert_same_outputs(masked, pruned)

@@ -1,21 +1,20 @@
 """The miniature reproduction's pure parts: overlaps, the loss helper's math, the plan, and the report.
-No server starts here; the end-to-end run is `python -m bench.reproduce --quick` (see bench/reproduce.py)."""
+No server starts here; the end-to-end run is `python -m bench.reproduce --quick` (see bench/reproduce/run.py)."""
 
 import json
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench.reproduce import Config, plan
-from bench.reproduce_eval import Scored, answer_continuation, answer_items, mean_nll, nll_sum, text_items
-from bench.reproduce_figures import domain_overlap, overlap, sample_overlap, top_sets
-from bench.reproduce_report import markdown, write_report
-from easyep_sglang.accuracy import Problem
-from easyep_sglang.demo_model import create_tokenizer
-from easyep_sglang.report import append_row
-from easyep_sglang.spec import spec_from_model_path
+from bench.reproduce.plan import Config, ReproduceConfig, plan
+from bench.reproduce.evaluate import Scored, answer_continuation, answer_items, mean_nll, nll_sum, text_items
+from bench.reproduce.figures import domain_overlap, overlap, sample_overlap, top_sets
+from bench.reproduce.report import markdown, write_report
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.demo.tiny_models import create_tokenizer
+from easyep_sglang.eval.accuracy import Problem
+from easyep_sglang.eval.provenance import append_row
 
 # The trained demo's shape: 5 layers (the first dense), 32 routed experts, top-4, 4 groups choose 2.
 DEMO_CONFIG = {"architectures": ["DeepseekV3ForCausalLM"], "hidden_size": 256, "num_hidden_layers": 5,
@@ -64,10 +63,10 @@ def test_answer_and_text_items_score_the_right_tokens():
 def test_plan_counts_servers(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(DEMO_CONFIG))
     spec = spec_from_model_path(tmp_path)
-    args = Namespace(prune_ratios=[0.5, 0.75], methods=["easy_ep", "easy_ep_no_token", "easy_ep_no_norm", "gating",
-                                                         "frequency", "random"],
-                     random_seeds=3, mixed_methods=["easy_ep"])
-    configs = plan(args, spec)
+    repro = ReproduceConfig(prune_ratios=(0.5, 0.75), methods=("easy_ep", "easy_ep_no_token", "easy_ep_no_norm",
+                                                               "gating", "frequency", "random"),
+                            random_seeds=3, mixed_methods=("easy_ep",))
+    configs = plan(repro, spec)
     assert len(configs) == 1 + 2 * (5 + 3 + 1) + 2 + 2 == 23
     assert len({c.name for c in configs}) == len(configs)
     by_name = {c.name: c for c in configs}
@@ -126,7 +125,7 @@ def test_tables_from_hand_made_rows():
 
 
 def test_a_loss_near_zero_gets_an_absolute_change():
-    from bench.reproduce_report import aggregate, fmt
+    from bench.reproduce.report import aggregate, fmt
 
     full = aggregate([eval_row("full", "full", None, None, 1.0, (0.0004, 0.6, 1.4, 1.5), [])])
     pruned = aggregate([eval_row("x", "easy_ep", "math", 16, 0.7, (0.7744, 0.72, 1.5, 1.6), [])])
@@ -162,7 +161,7 @@ class FakeServer:
 
 @pytest.mark.parametrize("ahead", [0, 1, 2])
 def test_serve_in_turn_stops_every_server(monkeypatch, tmp_path, ahead):
-    import bench.reproduce_eval as reproduce_eval
+    import bench.reproduce.evaluate as reproduce_eval
 
     monkeypatch.setattr(reproduce_eval, "LaunchedServer", FakeServer)
     a, b, c, broken = (Path(name) for name in ("a", "b", "c", "broken"))
@@ -195,7 +194,7 @@ def test_serve_in_turn_stops_every_server(monkeypatch, tmp_path, ahead):
 def test_accuracy_harness_completions_api_reads_the_answer_from_prompt_plus_completion():
     from types import SimpleNamespace
 
-    from easyep_sglang.accuracy import build_parser, sample
+    from easyep_sglang.eval.accuracy import AccuracyConfig, sample
 
     calls = []
 
@@ -205,9 +204,9 @@ def test_accuracy_harness_completions_api_reads_the_answer_from_prompt_plus_comp
                                usage=SimpleNamespace(completion_tokens=3))
 
     client = SimpleNamespace(completions=SimpleNamespace(create=create))
-    args = build_parser().parse_args(["--base-url", "u", "--model", "m", "--out", "o", "--api", "completions",
-                                      "--stop", "\n", "--prompt-suffix", "", "--temperature", "0", "--max-tokens", "8"])
-    result = sample(client, args, Problem("Q: 37+48=? A:", "85"), seed=0)
+    config = AccuracyConfig("u", "m", "o", api="completions", stop=["\n"], prompt_suffix="", temperature=0.0,
+                            max_tokens=8)
+    result = sample(client, config, Problem("Q: 37+48=? A:", "85"), seed=0)
     assert result["extracted"] == "85" and result["text_tail"] == " 85"
     assert calls == [dict(model="m", prompt="Q: 37+48=? A:", temperature=0.0, top_p=0.95, max_tokens=8, seed=0,
                           stop=["\n"])]

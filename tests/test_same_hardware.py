@@ -6,13 +6,13 @@ import re
 
 import pytest
 
-from bench.same_hardware import ALONE, SAME_HARDWARE, Deployment, Shape, deployments
-from bench.serving import BenchConfig, bench_replicas
-from bench.sweep import build_parser, main
-from bench.sweep_plan import measured_configs, plan_configs
-from bench.sweep_report import write_report
-from easyep_sglang.report import append_row, read_rows
-from easyep_sglang.spec import load_config, spec_from_model_path
+from bench.sweep.same_hardware import ALONE, SAME_HARDWARE, Deployment, Shape, deployments
+from bench.common.serving import BenchConfig, bench_replicas
+from bench.sweep.run import build_parser, main
+from bench.sweep.plan import SweepConfig, measured_configs, plan_configs
+from bench.sweep.report import write_report
+from easyep_sglang.core.spec import load_config, spec_from_model_path
+from easyep_sglang.eval.provenance import append_row, read_rows
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 BIND = "SGLANG_CPU_OMP_THREADS_BIND"
@@ -30,9 +30,9 @@ def kv_bytes_per_token(model) -> int:
 
 
 def plan(model, out, *flags):
-    args = build_parser().parse_args(["--model-path", str(model), "--experts", "8", "--modes", "full",
-                                      "prune_offline", *flags])
-    return args, plan_configs(args, spec_from_model_path(model), model, out)
+    sweep = SweepConfig(**vars(build_parser().parse_args(["--model-path", str(model), "--experts", "8", "--modes",
+                                                          "full", "prune_offline", *flags])))
+    return sweep, plan_configs(sweep, spec_from_model_path(model), model, out)
 
 
 def device_memory_between(model, out) -> int:
@@ -89,12 +89,12 @@ def test_each_rank_is_bound_to_one_core():
 def test_base_urls_pick_the_configuration_their_replicas_serve(tiny, tmp_path):
     flags = ["--same-hardware", "2", "--device-memory", "1GB", "--modes", "prune_offline"]
     for urls, layout in ((["http://a:1", "http://b:1"], SAME_HARDWARE), (["http://a:1"], ALONE)):
-        args, configs = plan(tiny, tmp_path, *flags, "--base-url", *urls)
-        [config] = measured_configs(args, configs)
+        sweep, configs = plan(tiny, tmp_path, *flags, "--base-url", *urls)
+        [config] = measured_configs(sweep, configs)
         assert (config.mode, config.layout) == ("prune_offline", layout)
-    args, configs = plan(tiny, tmp_path, *flags, "--base-url", "http://a:1", "http://b:1", "http://c:1")
+    sweep, configs = plan(tiny, tmp_path, *flags, "--base-url", "http://a:1", "http://b:1", "http://c:1")
     with pytest.raises(ValueError, match="3 server.* but 0 planned configurations match"):
-        measured_configs(args, configs)
+        measured_configs(sweep, configs)
 
 
 def test_the_dry_run_prints_each_servers_flags_and_starts_nothing(tiny, tmp_path, capsys):

@@ -6,13 +6,13 @@ import random
 import pytest
 import torch
 
-from easyep_sglang.mask import ExpertMask, MaskError
-from easyep_sglang.score import (
-    keep_for_ratio, mix_domains, repair_groups, score, select_budget, select_layer, select_uniform,
-)
-from easyep_sglang.select import main
-from easyep_sglang.spec import spec_from_config
-from easyep_sglang.stats import ExpertStats
+from easyep_sglang.core.mask import ExpertMask, MaskError
+from easyep_sglang.core.score import (
+                                      keep_for_ratio, mix_domains, repair_groups, score, select_budget, select_layer, select_uniform,
+                                      )
+from easyep_sglang.core.selection import SelectionConfig, build_parser, main
+from easyep_sglang.core.spec import spec_from_config
+from easyep_sglang.core.stats import ExpertStats
 
 SHAPE = {"hidden_size": 16, "vocab_size": 32, "intermediate_size": 32, "moe_intermediate_size": 8}
 
@@ -282,6 +282,14 @@ def test_cli_qwen_mixes_weighted_domains(tmp_path):
     main(common + ["--domain-weights", "3,1", "--budget", "5"])
     data = json.loads(open(out).read())
     assert data["keep"] == {"0": [0, 1, 3], "1": [0, 3]} and data["provenance"]["domain_weights"] == [3.0, 1.0]
+
+
+def test_the_flags_map_onto_the_config_with_its_defaults():
+    argv = ["--stats", "a.safetensors", "--keep", "4", "--model-path", "m", "--out", "mask.json"]
+    assert SelectionConfig(**vars(build_parser().parse_args(argv))) \
+        == SelectionConfig(["a.safetensors"], "m", "mask.json", keep=4)
+    with pytest.raises(ValueError, match="give exactly one of --keep, --keep-ratio and --budget"):
+        SelectionConfig(("a.safetensors",), "m", "mask.json", keep=4, budget=8)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -15,14 +15,15 @@ import urllib.request
 import psutil
 import pytest
 
-from easyep_sglang import accuracy
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.report import read_rows, server_info
-from easyep_sglang.server_process import free_port
-from easyep_sglang.sglang_plugin.expert_distribution import record_expert_counts
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.eval import accuracy
+from easyep_sglang.eval.provenance import read_rows, server_info
+from easyep_sglang.serving.server_process import free_port
+from expert_distribution import record_expert_counts
+from easyep_sglang.core.spec import spec_from_model_path
 from easyep_sglang.sglang_plugin.served_mask import REPORT_KEY
-from easyep_sglang.spec import spec_from_model_path
-from server_pool import MASKS, MODEL_ARGS, witnessed_server
+from server_pool import witnessed_server
+from server_specs import MASKS, MODEL_ARGS
 
 API_KEY = "easyep-test-key-8c1f"
 MASK = "deepseek_v3/varying"

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from easyep_sglang.mask import ExpertMask, MaskError, main as mask_main
-from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, ROUTER_SOFTMAX, spec_from_config
+from easyep_sglang.core.mask import ExpertMask, MaskError, main as mask_main
+from easyep_sglang.core.spec import ROUTER_SIGMOID_BIAS, ROUTER_SOFTMAX, spec_from_config
 
 DEEPSEEK_V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "num_hidden_layers": 5, "hidden_size": 64, "vocab_size": 100,

@@ -1,4 +1,5 @@
-"""bench/stock_fallback_routing.py's measurement: stock transformers on a pruned checkpoint vs the masked model.
+"""The measurement of `python -m bench.micro.stock_fallback_routing`: stock transformers on a pruned checkpoint vs the masked
+model.
 
 An exact (whole-group) mask must show no differing routing decision; an approximate (uneven-group) mask
 must give per-layer percentages, and on this model its group-blind fallback visibly changes routing.
@@ -11,10 +12,11 @@ import json
 import pytest
 import torch
 
-from bench.stock_fallback_routing import calibration_texts, load_model, measure, token_chunks
-from easyep_sglang.demo_model import build_tiny_model
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.spec import spec_from_model_path
+from bench.micro.stock_fallback_measure import load_model, measure
+from bench.micro.stock_fallback_routing import calibration_texts, token_chunks
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.demo.tiny_models import build_tiny_model
 
 # Default tiny DeepSeek-V3: 16 experts in 4 groups of 4, routing picks 2 groups then top-4; MoE layers 1, 2.
 WHOLE_GROUPS = [0, 1, 2, 3, 8, 9, 10, 11]  # groups 0 and 2 -> stock n_group=2, topk_group=2: exact

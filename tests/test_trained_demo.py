@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers
 
-from easyep_sglang.trained_demo import corpus, evaluate, sets, train
+from easyep_sglang.demo.trained import corpus, evaluate, sets, train
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "easyep_sglang" / "data"
 SHIPPED_MODEL, SHIPPED_SETS = DATA_DIR / "demo_moe", DATA_DIR / "demo_sets"
@@ -85,10 +85,10 @@ def _parse(prompt: str) -> tuple[int, str, int]:
 
 
 def test_bundled_mask_is_what_the_pipeline_selects_from_the_shipped_statistics(tmp_path):
-    from easyep_sglang import select
-    from easyep_sglang.demo import DEMO_MASK
-    from easyep_sglang.mask import ExpertMask
-    from easyep_sglang.spec import spec_from_model_path
+    from easyep_sglang.core import selection as select
+    from easyep_sglang.core.mask import ExpertMask
+    from easyep_sglang.core.spec import spec_from_model_path
+    from easyep_sglang.demo.server import DEMO_MASK
 
     out = tmp_path / "mask.json"
     select.main(["--stats", str(DATA_DIR / "demo_stats_math.safetensors"), "--method", "easy_ep", "--keep", "16",

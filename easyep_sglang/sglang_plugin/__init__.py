@@ -2,7 +2,7 @@
 
 `load_plugin` is registered under SGLang's `sglang.srt.plugins` entry point, so SGLang runs it in
 every process it starts (server, schedulers/TP workers, detokenizer). It only registers hooks;
-what they do is configured by environment variables that the launcher sets (see server_env.py).
+what they do is set by the launcher through the environment (settings.py).
 With none set, it registers nothing and SGLang runs unchanged.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_RUN_DIR, ENV_STATS_DIR
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 TESTED_SGLANG_VERSION = "0.5.23"  # the launcher refuses another with masking flags unless --allow-untested-sglang
 loaded = False  # load_plugin ran in this process
@@ -19,7 +19,8 @@ loaded = False  # load_plugin ran in this process
 def load_plugin() -> None:
     global loaded
     loaded = True
-    if os.environ.get(ENV_RUN_DIR):
+    settings = PluginSettings.from_env()
+    if settings.run_dir:
         from easyep_sglang.sglang_plugin import fail_closed
 
         fail_closed.install()
@@ -27,17 +28,16 @@ def load_plugin() -> None:
         from easyep_sglang.sglang_plugin import cpu_compat
 
         cpu_compat.install()
-    pruned_checkpoint = os.environ.get(ENV_PRUNED_CHECKPOINT) == "1"
-    if os.environ.get(ENV_MASK) or pruned_checkpoint:
+    if settings.routes_around_experts:
         from easyep_sglang.sglang_plugin import fail_closed, gate_mask
 
         gate_mask.install()
         fail_closed.install_weight_update_guard()
-    if os.environ.get(ENV_MASK) and os.environ.get(ENV_PRUNE) == "1" or pruned_checkpoint:
+    if settings.builds_kept_experts_only:
         from easyep_sglang.sglang_plugin import expert_prune
 
         expert_prune.install()
-    if os.environ.get(ENV_STATS_DIR):
+    if settings.stats_dir:
         from easyep_sglang.sglang_plugin import stats_recorder
 
         stats_recorder.install()

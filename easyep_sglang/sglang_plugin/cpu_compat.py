@@ -5,16 +5,13 @@ Active only when SGLANG_USE_CPU_ENGINE=1 (set by the launcher on a machine with 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-_installed = False
 
-
+@functools.cache  # once per process, however often the plugin is loaded
 def install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
     _register_mla_dispatch_for_torch_native()
     _disable_stream_capture_probe_without_cuda()
     from easyep_sglang.sglang_plugin import cpu_fp8

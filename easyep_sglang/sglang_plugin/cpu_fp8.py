@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from easyep_sglang import fp8_blocks
+from easyep_sglang.checkpoint import fp8_blocks
 
 FP8_MODULE = "sglang.srt.layers.quantization.fp8"
 STAND_IN_ATTR = "easyep_fp8_checkpoint_layout"  # on a layer whose FP8 weights keep the checkpoint's layout

@@ -2,7 +2,7 @@
 
 - `--prune` (load-time pruning): the original checkpoint's expert tensors are renumbered as they stream
   in and the pruned ones are skipped unread. No copy of the checkpoint is written.
-- An offline-pruned checkpoint (pruned_checkpoint.py): its experts are already renumbered; its sliced
+- An offline-pruned checkpoint (checkpoint/pruned_checkpoint.py): its experts are already renumbered; its sliced
   router rows are scattered back to their original ids.
 
 The router stays in the original expert space and the gate mask (gate_mask.py) removes the pruned
@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-import re
 
 import torch
 
+from easyep_sglang.checkpoint import tensor_names
 from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.serving_plan import ServingPlan, serving_plan
 
@@ -30,8 +30,6 @@ LOAD_WEIGHTS = "sglang.srt.model_loader.loader.DefaultModelLoader.load_weights_o
 TOPK_FORWARD = "sglang.srt.layers.moe.topk.TopK.forward"
 LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 ORIG_TO_NEW_ATTR = "easyep_orig_to_new"  # [E] int32 on TopK modules of pruned layers; -1 for pruned experts
-EXPERT_TENSOR = re.compile(r"^(model\.layers\.(\d+)\.mlp\.experts\.)(\d+)(\..+)$")
-ROUTER_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.gate\.(weight|e_score_correction_bias)$")
 
 
 def install() -> None:
@@ -46,11 +44,7 @@ def install() -> None:
 def _plan() -> ServingPlan:
     from sglang.srt.runtime_context import get_model
 
-    plan = serving_plan(get_model().model_path)
-    pruned_mtp = sorted(set(plan.keep) & set(plan.spec.mtp_layers))
-    if pruned_mtp and not plan.pruned_on_disk:
-        raise ValueError(f"MTP layers {pruned_mtp} cannot be pruned at load time; use python -m easyep_sglang.prune")
-    return plan
+    return serving_plan(get_model().model_path)
 
 
 def _build_kept_experts_only(original, moe, *args, **kwargs):
@@ -80,15 +74,15 @@ def _renumber_expert_weights(original, model, weights, target_device):
     def kept_weights():
         for name, tensor in weights:
             if plan.pruned_on_disk:
-                if (router := ROUTER_TENSOR.match(name)) and int(router[1]) in plan.keep:
+                if (layer := tensor_names.router_layer(name)) in plan.keep:
                     full = tensor.new_zeros((plan.spec.n_experts, *tensor.shape[1:]))  # [E, ...]
-                    full[list(plan.keep[int(router[1])])] = tensor
+                    full[list(plan.keep[layer])] = tensor
                     tensor = full
-            elif (match := EXPERT_TENSOR.match(name)) and int(match[2]) in new_id:
-                local = new_id[int(match[2])].get(int(match[3]))
+            elif (expert := tensor_names.expert_tensor(name)) and expert.layer in new_id:
+                local = new_id[expert.layer].get(expert.expert)
                 if local is None:
                     continue  # a pruned expert: never materialised
-                name = f"{match[1]}{local}{match[4]}"
+                name = expert.renumbered(local)
             yield name, tensor
 
     return original(model, kept_weights(), target_device)

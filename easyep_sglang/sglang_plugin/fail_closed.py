@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-from easyep_sglang.launch_checks import DRAFT_MODEL_ALGORITHMS
-from easyep_sglang.mask import ExpertMask
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.serving.launch_checks import DRAFT_MODEL_ALGORITHMS
 from easyep_sglang.sglang_plugin import served_mask
-from easyep_sglang.sglang_plugin.server_env import ENV_RUN_DIR, ENV_STATS_DIR, PLUGIN_NAME
+from easyep_sglang.sglang_plugin.server_env import PLUGIN_NAME
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 SCHEDULER_INIT = "sglang.srt.managers.scheduler.Scheduler.__init__"
 SCHEDULER_INIT_INFO = "sglang.srt.managers.scheduler.Scheduler.get_init_info"
@@ -130,7 +131,7 @@ def _leave_cause(err: Exception) -> None:
     """One line for serve.py, which prints it when it stops the server (unless another worker's cause already
     stopped it, and the run directory is gone)."""
     cause = f"{type(err).__name__}: {err}".splitlines()[0]
-    path = Path(os.environ[ENV_RUN_DIR]) / f"{os.getpid()}{FAILED_SUFFIX}"
+    path = PluginSettings.from_env().run_dir / f"{os.getpid()}{FAILED_SUFFIX}"
     with contextlib.suppress(FileNotFoundError):
         path.write_text(f"{report().worker} (pid {os.getpid()}) failed while starting: {cause}\n")
 
@@ -221,6 +222,6 @@ def _problem(got: WorkerReport | None, served: served_mask.ServedMask, draft_mod
                     f"expected {served.mask_digest} on layers {masked}")
         if served.mode != "mask" and not set(layers) <= set(got.pruned_layers):
             return f"{name} built only the kept experts of layers {got.pruned_layers}, expected {layers}"
-    if os.environ.get(ENV_STATS_DIR) and not got.recorder:
+    if PluginSettings.from_env().stats_dir and not got.recorder:
         return f"{name} did not start the calibration recorder"
     return None

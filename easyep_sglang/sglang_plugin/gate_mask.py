@@ -14,13 +14,13 @@ import logging
 
 import torch
 
+from easyep_sglang.core.routing import PRUNED_BIAS
+from easyep_sglang.core.spec import ROUTER_SIGMOID_BIAS, MoESpec
 from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.serving_plan import serving_plan
-from easyep_sglang.spec import ROUTER_SIGMOID_BIAS, MoESpec
 
 logger = logging.getLogger("easyep")
 
-PRUNED_BIAS = -1.0e4
 LOAD_MODEL = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 TOPK_FORWARD = "sglang.srt.layers.moe.topk.TopK.forward"
 PRUNED_ATTR = "easyep_pruned"  # [E] bool, True for pruned experts; set on TopK modules of softmax routers

@@ -14,6 +14,7 @@ It does what `python -m sglang.launch_server` does (load plugins, parse, run_ser
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -21,10 +22,11 @@ import sys
 import tempfile
 import threading
 import traceback
+from pathlib import Path
 
 from easyep_sglang import sglang_plugin
 from easyep_sglang.sglang_plugin import fail_closed
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNED_CHECKPOINT, ENV_RUN_DIR, ENV_STATS_DIR
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 WATCH_INTERVAL_S = 0.5
 _stopping = threading.Lock()
@@ -36,14 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     from sglang.srt.server_args import prepare_server_args
     from sglang.srt.utils import kill_process_tree
 
-    run_dir = os.environ[ENV_RUN_DIR] = tempfile.mkdtemp(prefix="easyep-server-")
+    settings = dataclasses.replace(PluginSettings.from_env(), run_dir=Path(tempfile.mkdtemp(prefix="easyep-server-")))
+    os.environ.update(settings.to_env())
     load_plugins()
     if sglang_plugin.loaded:
         unresolved = fail_closed.unresolved_targets()
         if unresolved:
             _stop(f"server process: hook targets did not resolve in this SGLang: {', '.join(unresolved)}")
-        threading.Thread(target=_watch, args=(run_dir,), name="easyep-startup-watchdog", daemon=True).start()
-    elif any(os.environ.get(key) for key in (ENV_MASK, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR)):
+        threading.Thread(target=_watch, args=(settings.run_dir,), name="easyep-startup-watchdog", daemon=True).start()
+    elif settings.changes_the_model:
         _stop("server process: the easyep plugin did not load (SGLANG_PLUGINS, or a load error logged above)")
     server_args = prepare_server_args(sys.argv[1:] if argv is None else argv)
     server_args.custom_sigquit_handler = _on_sigquit
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         traceback.print_exc()
         _stop(f"server process: {type(err).__name__}: {err}")
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(settings.run_dir, ignore_errors=True)
         kill_process_tree(os.getpid(), include_parent=False)
 
 
@@ -64,7 +67,7 @@ def _on_sigquit(signum, frame) -> None:
     _stop("a worker process signalled a failure (SIGQUIT); its traceback is above")
 
 
-def _watch(run_dir: str) -> None:
+def _watch(run_dir: Path) -> None:
     workers = {}
     while not fail_closed.schedulers_ready.wait(WATCH_INTERVAL_S):
         workers.update((proc.pid, proc) for proc in multiprocessing.active_children())
@@ -80,9 +83,10 @@ def _stop(reason: str) -> None:
     from sglang.srt.utils import kill_process_tree
 
     with _stopping:
-        causes = fail_closed.startup_failures(os.environ[ENV_RUN_DIR]) or [reason]
+        run_dir = PluginSettings.from_env().run_dir
+        causes = fail_closed.startup_failures(run_dir) or [reason]
         print(f"easyep: error: server stopped before serving: {'; '.join(causes)}", file=sys.stderr, flush=True)
-        shutil.rmtree(os.environ[ENV_RUN_DIR], ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         try:
             kill_process_tree(os.getpid(), include_parent=False, wait_timeout=None)
         finally:

@@ -13,20 +13,19 @@ against the request before the HTTP server started (fail_closed.py).
 The server process holds those reports, so it adds them to the first scheduler's init info, which SGLang merges
 into /server_info. `internal_states` would not do: each DP group's first TP rank alone answers it, so the other
 ranks' reports would need a collective among the workers at request time.
-Imports nothing from SGLang (the clients in report.py read REPORT_KEY).
+Imports nothing from SGLang (the clients in eval/provenance.py read REPORT_KEY).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from easyep_sglang.mask import ExpertMask
-from easyep_sglang.pruned_checkpoint import read_pruned_checkpoint
-from easyep_sglang.sglang_plugin.server_env import ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT
-from easyep_sglang.spec import MoESpec
+from easyep_sglang.checkpoint.pruned_checkpoint import read_pruned_checkpoint
+from easyep_sglang.core.mask import ExpertMask
+from easyep_sglang.core.spec import MoESpec
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 REPORT_KEY = "easyep"  # in GET /server_info
 # full: every expert; mask: --mask; prune: --mask --prune; pruned-checkpoint: an offline-pruned checkpoint served
@@ -67,12 +66,12 @@ class ServedMask:
 
 def requested(model_path: str) -> ServedMask:
     """What the launcher asked this server to serve (its environment and the model directory)."""
-    if os.environ.get(ENV_MASK) or os.environ.get(ENV_PRUNED_CHECKPOINT) == "1":
+    settings = PluginSettings.from_env()
+    if settings.routes_around_experts:
         from easyep_sglang.sglang_plugin.serving_plan import serving_plan
 
         plan = serving_plan(model_path)
-        mode = ("pruned-checkpoint" if plan.pruned_on_disk else "prune" if os.environ.get(ENV_PRUNE) == "1"
-                else "mask")
+        mode = "pruned-checkpoint" if plan.pruned_on_disk else "prune" if settings.prune else "mask"
         return ServedMask(mode, plan.keep, plan.spec)
     pruned = read_pruned_checkpoint(model_path) if (Path(model_path) / "config.json").is_file() else None
     if pruned:

@@ -1,4 +1,4 @@
-"""What a process must set before SGLang starts: the plugin's own settings and, on a machine with no
+"""What a process must set before SGLang starts: the plugin's settings (settings.py) and, on a machine with no
 GPU, the CPU work-arounds (stand-in kernel package, CPU flags, memory caps).
 
 Imports nothing from SGLang, so the launcher can use it before SGLang is imported.
@@ -11,11 +11,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ENV_MASK = "EASYEP_MASK"  # absolute path of the JSON mask the workers apply at load time
-ENV_PRUNE = "EASYEP_PRUNE"  # "1": build only the kept experts (load-time pruning) instead of masking
-ENV_PRUNED_CHECKPOINT = "EASYEP_PRUNED_CHECKPOINT"  # "1": serve an offline-pruned checkpoint in its source routing space
-ENV_STATS_DIR = "EASYEP_STATS_DIR"  # set: the workers record calibration statistics and dump them here
-ENV_RUN_DIR = "EASYEP_RUN_DIR"  # set by serve.py: the workers check in and leave startup failures here
+from easyep_sglang.sglang_plugin.settings import PluginSettings
+
 PLUGIN_NAME = "easyep"  # our entry point in SGLang's sglang.srt.plugins group (pyproject.toml)
 CPU_SHIM_DIR = Path(__file__).parent / "cpu_shim"
 
@@ -67,23 +64,13 @@ def gpu_available() -> bool:
     return libcuda.cuInit(0) == 0 and libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
 
 
-def server_setup(mask_path: str | None, on_cpu: bool, tp_size: int = 1, prune: bool = False, base_env=None,
-                 stats_dir: str | None = None, pruned_checkpoint: bool = False, local_ranks: int = 1) -> ServerSetup:
+def server_setup(settings: PluginSettings, on_cpu: bool, tp_size: int = 1, base_env=None,
+                 local_ranks: int = 1) -> ServerSetup:
     """local_ranks: the scheduler processes SGLang starts on this node (launch_checks.ranks_per_node); on a CPU
     each is bound to its share of the cores."""
-    assert mask_path or not prune, "pruning needs a mask"
-    env = dict(os.environ if base_env is None else base_env)
-    for key in (ENV_MASK, ENV_PRUNE, ENV_PRUNED_CHECKPOINT, ENV_STATS_DIR, ENV_RUN_DIR):
-        env.pop(key, None)
-    if mask_path:
-        env[ENV_MASK] = str(Path(mask_path).resolve())
-    if prune:
-        env[ENV_PRUNE] = "1"
-    if pruned_checkpoint:
-        env[ENV_PRUNED_CHECKPOINT] = "1"
+    env = {**PluginSettings.cleared(os.environ if base_env is None else base_env), **settings.to_env()}
     recording = {}
-    if stats_dir:
-        env[ENV_STATS_DIR] = str(Path(stats_dir).resolve())
+    if settings.stats_dir:
         env.setdefault("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "0")  # /health would prefill into the statistics
         recording = {"disable_prefill_cuda_graph": True}  # hooks do not run when a captured graph replays
     if not on_cpu:

@@ -36,8 +36,8 @@ with TP and bf16/fp32 or FP8 block-quantized weights.
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
 import pkgutil
 import time
 from dataclasses import dataclass
@@ -47,12 +47,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from easyep_sglang import fp8_blocks
+from easyep_sglang.checkpoint import fp8_blocks
+from easyep_sglang.core.spec import spec_from_model_path
+from easyep_sglang.core.stats import ExpertStats
 from easyep_sglang.sglang_plugin import fail_closed
 from easyep_sglang.sglang_plugin.cpu_fp8 import STAND_IN_ATTR
-from easyep_sglang.sglang_plugin.server_env import ENV_STATS_DIR
-from easyep_sglang.spec import spec_from_model_path
-from easyep_sglang.stats import ExpertStats
+from easyep_sglang.sglang_plugin.settings import PluginSettings
 
 logger = logging.getLogger("easyep")
 
@@ -100,7 +100,7 @@ class _Recorder:
         elif action == "STOP_RECORD":
             self.recording = False
         elif action == "DUMP_RECORD" and self.accumulate:
-            path = Path(os.environ[ENV_STATS_DIR]) / DUMP_GLOB.replace("*", str(time.time_ns()))
+            path = PluginSettings.from_env().stats_dir / DUMP_GLOB.replace("*", str(time.time_ns()))
             try:
                 self.stats.save(path, self.provenance)  # atomic: written beside, then renamed
             except OSError as err:  # the server keeps serving; the driver reports the missing file
@@ -110,14 +110,10 @@ class _Recorder:
 
 
 _recorder: _Recorder | None = None
-_installed = False
 
 
+@functools.cache  # once per process, however often the plugin is loaded
 def install() -> None:
-    global _installed
-    if _installed:
-        return
-    _installed = True
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     HookRegistry.register(LOAD_MODEL, _after_load_model, HookType.AFTER)
@@ -161,7 +157,7 @@ def _after_load_model(_result, runner, *args, **kwargs) -> None:
                           fp8_block=fp8_block_size(experts))
     fail_closed.report().recorder = True
     logger.info("easyep: calibration recorder on %d MoE layers (TP rank %d), dumps to %s",
-                len(blocks), experts.moe_tp_rank, os.environ[ENV_STATS_DIR])
+                len(blocks), experts.moe_tp_rank, PluginSettings.from_env().stats_dir)
 
 
 def _unsupported(server_args, blocks, n_experts: int) -> list[str]:

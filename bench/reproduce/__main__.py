@@ -1,0 +1,3 @@
+from bench.reproduce.run import main
+
+main()

@@ -1,0 +1,3 @@
+from bench.sweep.run import main
+
+main()

@@ -1,0 +1,3 @@
+from easyep_sglang.demo.server import main
+
+main()

@@ -1,0 +1,1 @@
+"""Evaluation: the accuracy harness and the provenance every benchmark row carries."""
