@@ -1,6 +1,7 @@
 """Fail closed: the server answers no request unless every worker applied what the launcher asked for.
 
-Installed by `load_plugin` in every SGLang process when our server entry (serve.py) set EASYEP_RUN_DIR:
+Installed by `load_plugin` in every SGLang process when our server entry (serve.py) set the run directory
+(PluginSettings.run_dir):
 - in a scheduler, an exception raised while it starts (our hooks or SGLang's own code) leaves its one-line
   cause in RUN_DIR/<pid>.failed, which serve.py prints when it stops the server;
 - each scheduler, when it is ready, gathers every rank's `WorkerReport` (what it applied, and which of our hook

@@ -1,6 +1,6 @@
 """Record EASY-EP calibration statistics inside SGLang's worker, during prefill.
 
-Installed by `load_plugin` only when EASYEP_STATS_DIR is set (launcher: `--record-stats DIR`). For
+Installed by `load_plugin` only when PluginSettings.stats_dir is set (launcher: `--record-stats DIR`). For
 each MoE layer and each token t of a recorded forward, with x_t the MoE input (after the norm) and
 h_t the residual entering the MoE sublayer (before the norm):
 
