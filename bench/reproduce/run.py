@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mixed-methods", nargs="*", choices=list(SCORERS), default=ReproduceConfig.mixed_methods,
                         help="methods also run on mixed math+code+prose statistics (default: easy_ep)")
     parser.add_argument("--random-seeds", type=int, default=ReproduceConfig.random_seeds,
-                        help="seeds of the random method (default: 3)")
+                        help="seeds of the random method (default: %(default)s)")
     parser.add_argument("--prune-ratios", type=float, nargs="+", default=ReproduceConfig.prune_ratios,
                         help="(default: 0.5 0.75)")
     parser.add_argument("--sample-counts", type=int, nargs="+", default=ReproduceConfig.sample_counts,
@@ -197,19 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--generate-responses", dest="use_responses", action="store_false",
                         help="calibrate on the model's own answers (T=0.6) instead of the sets' responses")
     parser.add_argument("--num-problems", type=int, default=ReproduceConfig.num_problems,
-                        help="math problems scored (default: 200)")
+                        help="math problems scored (default: %(default)s)")
     parser.add_argument("--num-texts", type=int, default=ReproduceConfig.num_texts,
-                        help="eval texts per domain for the losses (default: 40)")
+                        help="eval texts per domain for the losses (default: %(default)s)")
     parser.add_argument("--max-text-tokens", type=int, default=ReproduceConfig.max_text_tokens,
-                        help="tokens per eval text (default: 256)")
+                        help="tokens per eval text (default: %(default)s)")
     parser.add_argument("--max-answer-tokens", type=int, default=ReproduceConfig.max_answer_tokens,
-                        help="greedy tokens per problem (default: 8)")
+                        help="greedy tokens per problem (default: %(default)s)")
     parser.add_argument("--omp-threads", type=int, default=ReproduceConfig.omp_threads,
-                        help="OMP_NUM_THREADS of each server, 0: torch's (default: 1)")
+                        help="OMP_NUM_THREADS of each server, 0: torch's (default: %(default)s)")
     parser.add_argument("--server-args", default=ReproduceConfig.server_args,
                         help="launcher/SGLang flags of every server, quoted (default: %(default)s)")
     parser.add_argument("--servers-ahead", type=int, default=ReproduceConfig.servers_ahead, metavar="N",
-                        help="servers starting while one is measured; 0: one server at a time (default: 1)")
+                        help="servers starting while one is measured; 0: one server at a time (default: %(default)s)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     parser.add_argument("--resume", action="store_true", help="continue the last run in OUT/rows.jsonl")

@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scale", type=float, default=SweepConfig.scale,
                         help="multiply every length (default: 1; e.g. 0.03 on a CPU)")
     parser.add_argument("--rounds", type=int, default=SweepConfig.rounds,
-                        help="serve every configuration this many times, in turn; ratios are medians (default: 1)")
+                        help="serve every configuration this many times, in turn; ratios are medians (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=SweepConfig.concurrency, help="requests in flight (paper: 32)")
     parser.add_argument("--num-prompts", type=int, default=SweepConfig.num_prompts,
                         help="requests per run (default: 2 x concurrency)")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-id", help="append the rows to this sweep (default: a new one, named by the time); "
                         "with --base-url, measurements of one sweep made one configuration at a time pair by round")
     parser.add_argument("--first-round", type=int, default=SweepConfig.first_round,
-                        help="the index of the first round (default: 0)")
+                        help="the index of the first round (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="plan every configuration and print its server flags; "
                         "start nothing")
     parser.add_argument("--out-dir", default=SweepConfig.out_dir, help="sweep.jsonl (appended), sweep.md, sweep.png, logs")

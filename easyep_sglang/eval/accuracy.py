@@ -217,11 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-field", metavar="FIELD", help="the gold answer's field; a value holding \\boxed{} "
                         f"answers with its last one (default: the first of {', '.join(ANSWER_FIELDS)} the data has)")
     parser.add_argument("--out", required=True, help="JSONL report; one row per run is appended")
-    parser.add_argument("--n", type=int, default=AccuracyConfig.n, help="samples per problem (default: 5)")
-    parser.add_argument("--temperature", type=float, default=AccuracyConfig.temperature, help="(default: 0.6)")
-    parser.add_argument("--top-p", type=float, default=AccuracyConfig.top_p, help="(default: 0.95)")
-    parser.add_argument("--max-tokens", type=int, default=AccuracyConfig.max_tokens, help="per sample (default: 32768)")
-    parser.add_argument("--concurrency", type=int, default=AccuracyConfig.concurrency, help="requests in flight (default: 8)")
+    parser.add_argument("--n", type=int, default=AccuracyConfig.n, help="samples per problem (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=AccuracyConfig.temperature, help="(default: %(default)s)")
+    parser.add_argument("--top-p", type=float, default=AccuracyConfig.top_p, help="(default: %(default)s)")
+    parser.add_argument("--max-tokens", type=int, default=AccuracyConfig.max_tokens, help="per sample (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=AccuracyConfig.concurrency, help="requests in flight (default: %(default)s)")
     parser.add_argument("--seed", type=int, help="base sampling seed; sample j of problem i uses seed + i*n + j")
     parser.add_argument("--prompt-suffix", default=AccuracyConfig.prompt_suffix, help="appended to every problem "
                         "(default: DeepSeek-R1's 'reason step by step ... within \\boxed{}')")
@@ -232,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask", help="the mask file the server was started with; it must be the mask the server "
                         "reports serving (GET /server_info), else nothing is sampled. Without it the server must serve "
                         "no mask. The report records both digests")
-    parser.add_argument("--request-timeout", type=float, default=AccuracyConfig.request_timeout, help="seconds per request (default: 3600)")
+    parser.add_argument("--request-timeout", type=float, default=AccuracyConfig.request_timeout, help="seconds per request (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
